@@ -1,0 +1,211 @@
+"""Hyperparameters of AlphaEdit, read from EasyEdit-style yaml files.
+
+The method's fields (what the paper tunes) are kept apart from the run-time
+settings (where the model lives, which device, where caches go). Both are
+plain dataclass fields so that EasyEdit's ``BaseEditor`` and its evaluators,
+which read attributes such as ``alg_name``, ``model_name``, ``device`` and
+``model_parallel`` off the object, find what they expect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Union
+
+import yaml
+
+ALG_NAME = "AlphaEdit"
+FACT_TOKEN_STRATEGIES = ("subject_last", "subject_first", "last")
+MOM2_DTYPES = ("float32", "float64")
+LAYER_SELECTIONS = ("all",)
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class AlphaEditHyperParams:
+    """Everything AlphaEdit needs to edit one model.
+
+    Method fields follow the paper (Fang et al., ICLR 2025) and the MEMIT
+    lineage it builds on; run-time fields say where things happen.
+    """
+
+    # ---- the method -----------------------------------------------------
+    layers: List[int] = _help("Indices of the transformer blocks whose MLP output projection is edited.")
+    fact_token: str = _help(
+        "Which token's key represents the subject: subject_last, subject_first or last.",
+        default="subject_last",
+    )
+    v_num_grad_steps: int = _help("Gradient steps of the target-value search.", default=25)
+    v_lr: float = _help("Adam learning rate of the target-value search.", default=0.5)
+    v_loss_layer: int = _help("Block whose output is read out for the target loss (normally the last).", default=-1)
+    v_weight_decay: float = _help("Weight on ‖δ‖/‖h‖² in the target-value search.", default=0.5)
+    clamp_norm_factor: float = _help("‖δ‖ is clamped to this factor times ‖h‖ after each step.", default=0.75)
+    kl_factor: float = _help("Weight of the KL term that keeps 'subject is a' predictions.", default=0.0625)
+    nullspace_threshold: float = _help(
+        "Eigenvalues of the count-normalised K0K0ᵀ below this are taken as the null space.", default=2e-2
+    )
+    L2: float = _help("Ridge term added to the constrained normal equations (Eq. 14).", default=10.0)
+    mom2_dataset: str = _help(
+        "Corpus for K0K0ᵀ: a local text file or folder, 'self' (text sampled from the model) "
+        "or a datasets-hub name where a network allows it.",
+        default="self",
+    )
+    mom2_n_samples: int = _help("Number of corpus texts used for the statistics.", default=100000)
+    mom2_dtype: str = _help("Floating type the key products are formed in (float32 or float64).", default="float32")
+    mom2_max_tokens: int = _help("Tokens per corpus text (texts are truncated to this).", default=256)
+    mom2_heldout_fraction: float = _help(
+        "Share of corpus texts kept out of the statistics to measure preservation on unseen keys.", default=0.05
+    )
+    layer_selection: str = _help("Kept for EasyEdit compatibility; only 'all' is meaningful.", default="all")
+    context_template_count: int = _help("Generated context prefixes the keys and targets are averaged over.", default=5)
+    context_template_length: int = _help("Tokens per generated context prefix.", default=10)
+
+    # ---- architecture (None: taken from the table in architectures.py) --
+    rewrite_module_tmp: Optional[str] = _help("Template of the edited module, e.g. model.layers.{}.mlp.down_proj.", default=None)
+    layer_module_tmp: Optional[str] = _help("Template of a transformer block.", default=None)
+    mlp_module_tmp: Optional[str] = _help("Template of a block's MLP.", default=None)
+    attn_module_tmp: Optional[str] = _help("Template of a block's attention.", default=None)
+    ln_f_module: Optional[str] = _help("Final norm before the language-model head.", default=None)
+    lm_head_module: Optional[str] = _help("Language-model head.", default=None)
+
+    # ---- run time -------------------------------------------------------
+    alg_name: str = _help("Must be AlphaEdit.", default=ALG_NAME)
+    model_name: Any = _help("Model path or id, or a (model, tokenizer) pair.", default=None)
+    device: Union[int, str] = _help("cpu, cuda, cuda:N or an int N (EasyEdit style, meaning cuda:N).", default="cpu")
+    stats_dir: Optional[str] = _help(
+        "Cache folder for statistics and projectors; else $ALPHAEDIT_CACHE; else ~/.cache/alphaedit.", default=None
+    )
+    batch_size: int = _help("Requests per batch in EasyEdit's batch_edit.", default=10)
+    max_length: int = _help("Maximum generation length used by EasyEdit evaluators.", default=40)
+    model_parallel: bool = _help("Kept for EasyEdit compatibility; AlphaEdit runs on one device.", default=False)
+    seed: int = _help("Seed for context-template sampling and self-corpus generation.", default=0)
+    # Fields EasyEdit reads off MEMIT-style hparams; kept so its code paths find them.
+    mom2_adjustment: bool = _help("Unused by AlphaEdit (MEMIT compatibility).", default=True)
+    mom2_update_weight: float = _help("Unused by AlphaEdit (MEMIT compatibility).", default=15000)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field that is not allowed."""
+        if self.alg_name != ALG_NAME:
+            raise ValueError(f"alg_name must be {ALG_NAME!r} for AlphaEditHyperParams, got {self.alg_name!r}")
+        if not isinstance(self.layers, (list, tuple)) or not self.layers:
+            raise ValueError(f"layers must be a non-empty list of block indices, got {self.layers!r}")
+        if not all(isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0 for layer in self.layers):
+            raise ValueError(f"layers must hold non-negative integers, got {self.layers!r}")
+        if len(set(self.layers)) != len(self.layers) or list(self.layers) != sorted(self.layers):
+            raise ValueError(f"layers must be strictly increasing without repeats, got {self.layers!r}")
+        self.layers = list(self.layers)
+        if self.fact_token not in FACT_TOKEN_STRATEGIES:
+            raise ValueError(f"fact_token must be one of {FACT_TOKEN_STRATEGIES}, got {self.fact_token!r}")
+        if self.mom2_dtype not in MOM2_DTYPES:
+            raise ValueError(f"mom2_dtype must be one of {MOM2_DTYPES}, got {self.mom2_dtype!r}")
+        if self.layer_selection not in LAYER_SELECTIONS:
+            raise ValueError(f"layer_selection must be one of {LAYER_SELECTIONS}, got {self.layer_selection!r}")
+        _require(self, "v_num_grad_steps", int, lambda v: v >= 1, "an integer >= 1")
+        _require(self, "mom2_n_samples", int, lambda v: v >= 1, "an integer >= 1")
+        _require(self, "mom2_max_tokens", int, lambda v: v >= 2, "an integer >= 2")
+        _require(self, "context_template_count", int, lambda v: v >= 0, "an integer >= 0")
+        _require(self, "context_template_length", int, lambda v: v >= 1, "an integer >= 1")
+        _require(self, "batch_size", int, lambda v: v >= 1, "an integer >= 1")
+        _require(self, "v_loss_layer", int, lambda v: True, "an integer (-1 means the last block)")
+        _require(self, "v_lr", float, lambda v: v > 0, "a number > 0")
+        _require(self, "v_weight_decay", float, lambda v: v >= 0, "a number >= 0")
+        _require(self, "clamp_norm_factor", float, lambda v: v > 0, "a number > 0")
+        _require(self, "kl_factor", float, lambda v: v >= 0, "a number >= 0")
+        _require(self, "nullspace_threshold", float, lambda v: v > 0, "a number > 0")
+        _require(self, "L2", float, lambda v: v > 0, "a number > 0 (it keeps the solve well posed)")
+        _require(self, "mom2_heldout_fraction", float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+        if not isinstance(self.mom2_dataset, str) or not self.mom2_dataset:
+            raise ValueError(f"mom2_dataset must be a non-empty string (a path, 'self' or a hub name), got {self.mom2_dataset!r}")
+        for name in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or "{}" not in value):
+                raise ValueError(f"{name} must be a module path template containing '{{}}', got {value!r}")
+
+    # ------------------------------------------------------------------
+    @classmethod
+    def from_hparams(cls, path: Union[str, os.PathLike]) -> "AlphaEditHyperParams":
+        """Read an EasyEdit-style yaml file (``alg_name: AlphaEdit``).
+
+        As EasyEdit does, a path without ``.yaml`` gets the suffix added.
+        """
+        path = Path(path)
+        if path.suffix not in (".yaml", ".yml"):
+            path = path.with_name(path.name + ".yaml")
+        if not path.is_file():
+            raise FileNotFoundError(f"hparams file not found: {path}")
+        with open(path, "r", encoding="utf-8") as stream:
+            config = yaml.safe_load(stream)
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: expected a mapping of hparams fields, got {type(config).__name__}")
+        return cls.from_dict(config, source=str(path))
+
+    @classmethod
+    def from_dict(cls, config: dict, source: str = "hparams") -> "AlphaEditHyperParams":
+        config = dict(config)
+        alg_name = config.get("alg_name")
+        if alg_name != ALG_NAME:
+            raise ValueError(f"{source}: alg_name must be {ALG_NAME!r} for AlphaEditHyperParams, got {alg_name!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown field(s) {unknown}; allowed fields are {sorted(known)}")
+        if "layers" not in config:
+            raise ValueError(f"{source}: missing required field 'layers' (the blocks to edit, e.g. [4, 5, 6, 7, 8])")
+        return cls(**{key: _coerce_number(value) for key, value in config.items()})
+
+    def to_dict(self) -> dict:
+        result = dataclasses.asdict(self)
+        if not isinstance(self.model_name, (str, type(None))):
+            result["model_name"] = repr(type(self.model_name))
+        return result
+
+    # ------------------------------------------------------------------
+    @property
+    def torch_device(self) -> str:
+        """The device as torch understands it (EasyEdit writes ints for cuda:N)."""
+        if isinstance(self.device, int) and not isinstance(self.device, bool):
+            return f"cuda:{self.device}"
+        return str(self.device)
+
+    def method_fields(self) -> dict:
+        """The fields that change what an edit computes (used in cache keys and logs)."""
+        runtime = {"alg_name", "model_name", "device", "stats_dir", "batch_size", "max_length", "model_parallel",
+                   "mom2_adjustment", "mom2_update_weight"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in runtime}
+
+
+def _coerce_number(value: Any) -> Any:
+    """yaml reads '5e-1' (no dot) as a string; EasyEdit converts those, so do we."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        if any(c in value.lower() for c in ("e", ".")) and not value.lower() in ("inf", "nan"):
+            return number
+    return value
+
+
+def _require(hp: AlphaEditHyperParams, name: str, kind: type, ok, expected: str) -> None:
+    value = getattr(hp, name)
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    if kind is float and isinstance(value, int):
+        value = float(value)
+        setattr(hp, name, value)
+    if not isinstance(value, kind):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    if isinstance(value, float) and value != value:
+        raise ValueError(f"{name} must be {expected}, got NaN")
+    if not ok(value):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")

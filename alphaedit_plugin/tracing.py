@@ -1,0 +1,145 @@
+"""Tokenisation of prompts and forward hooks that read or change activations.
+
+Kept small and explicit: hooks are registered inside context managers and
+always removed, so a failed forward pass leaves no hook behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import string
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .architectures import block_output_hidden, get_module, replace_block_output_hidden
+
+
+def pad_token_id(tok) -> int:
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tok, attr, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def encode(tok, text: str, special_tokens: bool = True) -> List[int]:
+    return list(tok(text, add_special_tokens=special_tokens)["input_ids"])
+
+
+def subject_token_index(tok, prompt_template: str, subject: str, strategy: str) -> Tuple[List[int], int]:
+    """Token ids of the filled prompt and the index of the token that represents the subject.
+
+    ``strategy`` is ``subject_last``, ``subject_first`` or ``last``. Positions
+    are found from the tokenizer's character offsets where it has them, and
+    from the length of the tokenised prefix otherwise.
+    """
+    text = prompt_template.format(subject)
+    ids = encode(tok, text)
+    if strategy == "last":
+        return ids, len(ids) - 1
+    start = len(next(string.Formatter().parse(prompt_template))[0])  # unescaped text before "{}"
+    end = start + len(subject)
+    if getattr(tok, "is_fast", False):
+        offsets = tok(text, add_special_tokens=True, return_offsets_mapping=True)["offset_mapping"]
+        inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+        if inside:
+            return ids, inside[-1] if strategy == "subject_last" else inside[0]
+    if strategy == "subject_last":
+        return ids, len(encode(tok, text[:end])) - 1
+    return ids, len(encode(tok, text[:start]))  # subject_first: first token after the prefix
+
+
+def pad_right(sequences: Sequence[Sequence[int]], pad_id: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask`` (positions stay absolute)."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+@contextlib.contextmanager
+def capture_inputs(model: nn.Module, names: Sequence[str]) -> Iterator[Dict[str, torch.Tensor]]:
+    """Record the first positional input of each named module during forward passes."""
+    captured: Dict[str, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(name):
+        def hook(module, args):
+            captured[name] = args[0]
+        return hook
+
+    try:
+        for name in names:
+            handles.append(get_module(model, name).register_forward_pre_hook(make_hook(name)))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def capture_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[Dict[str, torch.Tensor]]:
+    """Record the hidden-state output of each named block during forward passes."""
+    captured: Dict[str, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(name):
+        def hook(module, args, output):
+            captured[name] = block_output_hidden(output)
+        return hook
+
+    try:
+        for name in names:
+            handles.append(get_module(model, name).register_forward_hook(make_hook(name)))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def edit_output(model: nn.Module, name: str, edit: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace the hidden-state output ``h`` of block ``name`` by ``edit(h)``."""
+
+    def hook(module, args, output):
+        return replace_block_output_hidden(output, edit(block_output_hidden(output)))
+
+    handle = get_module(model, name).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class _StopForward(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def stop_after(model: nn.Module, name: Optional[str]) -> Iterator[Callable]:
+    """Abort the forward pass once module ``name`` has run (nothing above it is needed).
+
+    Yields a function ``run(**inputs)`` that calls the model and swallows the stop.
+    """
+    handle = None
+    if name is not None:
+        def hook(module, args, output):
+            raise _StopForward()
+        handle = get_module(model, name).register_forward_hook(hook)
+
+    def run(**inputs):
+        try:
+            return model(**inputs)
+        except _StopForward:
+            return None
+
+    try:
+        yield run
+    finally:
+        if handle is not None:
+            handle.remove()
