@@ -27,3 +27,9 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# Where the EasyEdit host is installed, importing the package registers the editor in its
+# ALG_DICT (idempotent; a missing host is fine, a broken one only logs a warning).
+from .easyedit.autoregister import register_if_available as _register_with_easyedit  # noqa: E402
+
+_register_with_easyedit()

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .architectures import ModuleTemplates, add_to_weight, get_module, num_layers, templates_for, weight_as_out_in
+from .architectures import ModuleTemplates, UnknownArchitectureError, add_to_weight, get_module, num_layers, templates_for, weight_as_out_in
 from .compute_keys import compute_keys_and_values
 from .compute_targets import TargetSearchResult, compute_target_values
 from .context_templates import generate_context_templates
@@ -52,12 +52,19 @@ def validate_setup(model, hparams: AlphaEditHyperParams) -> ModuleTemplates:
         raise ValueError(f"layers {bad} are outside the model, which has blocks 0..{total - 1}")
     if hparams.v_loss_layer >= total:
         raise ValueError(f"v_loss_layer {hparams.v_loss_layer} is outside the model, which has blocks 0..{total - 1}")
+    def module_of(field_name: str, layer: int):
+        template = getattr(templates, field_name)
+        try:
+            return get_module(model, template.format(layer))
+        except UnknownArchitectureError as error:
+            raise UnknownArchitectureError(f"{field_name} {template!r} matches nothing at layer {layer}: {error}") from None
+
     for layer in hparams.layers:
-        module = get_module(model, templates.rewrite_module_tmp.format(layer))
+        module = module_of("rewrite_module_tmp", layer)
         if not hasattr(module, "weight") or module.weight.ndim != 2:
             raise ValueError(f"rewrite_module_tmp {templates.rewrite_module_tmp!r} names {type(module).__name__} at "
                              f"layer {layer}, which has no 2-D weight")
-        get_module(model, templates.layer_module_tmp.format(layer))
+        module_of("layer_module_tmp", layer)
     get_module(model, templates.ln_f_module)
     get_module(model, templates.lm_head_module)
     return templates

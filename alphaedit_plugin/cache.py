@@ -42,7 +42,10 @@ def cache_root(stats_dir: Optional[str] = None) -> Path:
     elif os.environ.get(ENV_VAR):
         root = Path(os.environ[ENV_VAR]).expanduser()
     else:
-        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "alphaedit"
+        xdg = os.environ.get("XDG_CACHE_HOME", "")
+        # The XDG spec: an empty or relative value is invalid and must be ignored.
+        base = Path(xdg).expanduser() if xdg and Path(xdg).expanduser().is_absolute() else Path.home() / ".cache"
+        root = base / "alphaedit"
     return root.resolve()
 
 

@@ -33,7 +33,7 @@ SELF = "self"
 TEXT_SUFFIXES = (".txt", ".raw", ".text", ".md")
 SELF_START_WORDS = ("The", "In", "A", "This", "It", "He", "She", "When", "After", "Many", "There", "One",
                     "During", "His", "Her", "According")
-SELF_BATCH = 32
+SELF_BATCH = 128
 MIN_PARAGRAPH_CHARS = 40
 
 

@@ -1,6 +1,7 @@
 """Statistics and projectors per layer, computed once and cached on disk.
 
-Cache keys name the model (its id and a hash of the edited layer's weight),
+Cache keys name the model (its id and a hash of every weight the layer's
+keys depend on: embeddings and blocks up to the layer),
 the layer and module, the corpus (by content), the number of texts and
 tokens per text, the dtype and, for projectors, the threshold. The key is
 stored inside each file and checked on load.
@@ -20,7 +21,7 @@ from . import cache
 from .architectures import ModuleTemplates, get_module, weight_as_out_in
 from .corpus import corpus_identity, corpus_token_sequences
 from .projector import null_space_projector
-from .second_moment import SecondMoment, collect_second_moments
+from .second_moment import TOKENS_PER_BATCH, SecondMoment, collect_second_moments
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +46,40 @@ def _heldout_every(hparams) -> int:
     return round(1 / hparams.mom2_heldout_fraction) if hparams.mom2_heldout_fraction > 0 else 0
 
 
-def statistics_key(model, hparams, templates: ModuleTemplates, layer: int, corpus: dict) -> dict:
+def key_weight_fingerprints(model, templates: ModuleTemplates, layers: List[int]) -> Dict[int, str]:
+    """Per layer, a hash of every weight the keys at that layer depend on.
+
+    The input of block l's output projection depends on the embeddings and on
+    blocks 0..l; those parameters (block l's own included) are hashed, each
+    tensor once, and combined per layer. The final norm and the head are left
+    out: nothing below them depends on them.
+    """
+    block_prefix = {i: templates.layer_module_tmp.format(i) + "." for i in range(max(layers) + 1)}
+    outside = (templates.ln_f_module + ".", templates.lm_head_module + ".")
+    blocks_root = templates.layer_module_tmp.split("{}")[0]  # e.g. "model.layers."
+    shared, per_block = [], {i: [] for i in block_prefix}
+    for name, parameter in model.named_parameters():
+        block = next((i for i, prefix in block_prefix.items() if name.startswith(prefix)), None)
+        if block is not None:
+            per_block[block].append(f"{name}:{cache.tensor_sha256(parameter)}")
+        elif not name.startswith(outside) and not name.startswith(blocks_root):
+            shared.append(f"{name}:{cache.tensor_sha256(parameter)}")
+    result, running = {}, list(shared)
+    for i in sorted(block_prefix):
+        running.extend(per_block[i])
+        if i in layers:
+            result[i] = cache.digest({"weights": running})
+    return result
+
+
+def statistics_key(model, hparams, templates: ModuleTemplates, layer: int, corpus: dict,
+                   fingerprint: str) -> dict:
     module = templates.rewrite_module_tmp.format(layer)
     return {
         "kind": "second_moment",
         "format": FORMAT_VERSION,
         "model": model_identity(model, hparams),
-        "weight_sha256": cache.tensor_sha256(get_module(model, module).weight),
+        "weights_sha256": fingerprint,
         "layer": layer,
         "module": module,
         **corpus,
@@ -66,14 +94,16 @@ def _paths(root: Path, key: dict, threshold: Optional[float] = None) -> Path:
     name = f"{cache.slug(key['module'])}__{cache.slug(key['corpus'])}__n{key['n_samples']}__{key['dtype']}"
     if threshold is None:
         return folder / f"{name}__{cache.digest(key)}.pt"
-    return folder / "projectors" / f"{name}__thr{threshold:g}__{cache.digest(key)}.pt"
+    return folder / "projectors" / f"{name}__thr{threshold:g}__{cache.digest({**key, 'threshold': threshold})}.pt"
 
 
 def prepare_null_spaces(model, tok, hparams, templates: ModuleTemplates) -> Dict[int, LayerNullSpace]:
     """Load or compute the projector (and held-out keys) for every edited layer."""
     root = cache.cache_root(hparams.stats_dir)
     corpus = corpus_identity(hparams.mom2_dataset, hparams.mom2_max_tokens, hparams.seed)
-    keys = {layer: statistics_key(model, hparams, templates, layer, corpus) for layer in hparams.layers}
+    fingerprints = key_weight_fingerprints(model, templates, hparams.layers)
+    keys = {layer: statistics_key(model, hparams, templates, layer, corpus, fingerprints[layer])
+            for layer in hparams.layers}
     result: Dict[int, LayerNullSpace] = {}
     stats: Dict[int, Dict] = {}
     missing: List[int] = []
@@ -121,7 +151,8 @@ def prepare_null_spaces(model, tok, hparams, templates: ModuleTemplates) -> Dict
 def _compute_statistics(model, tok, hparams, templates, keys: Dict[int, dict], root: Path) -> Dict[int, Dict]:
     sequences = corpus_token_sequences(hparams.mom2_dataset, model, tok, hparams.mom2_n_samples,
                                        hparams.mom2_max_tokens, hparams.seed)
-    partial_key = {"kind": "partial_second_moment", "layers": {str(l): k for l, k in keys.items()}}
+    partial_key = {"kind": "partial_second_moment", "layers": {str(l): k for l, k in keys.items()},
+                   "tokens_per_batch": TOKENS_PER_BATCH}
     any_key = next(iter(keys.values()))
     partial_path = root / "stats" / cache.slug(any_key["model"]) / f"partial__{cache.digest(partial_key)}.pt"
     moments: Dict[int, SecondMoment] = collect_second_moments(
@@ -132,6 +163,7 @@ def _compute_statistics(model, tok, hparams, templates, keys: Dict[int, dict], r
         dtype=getattr(torch, hparams.mom2_dtype),
         checkpoint_path=partial_path,
         checkpoint_key=partial_key,
+        tokens_per_batch=TOKENS_PER_BATCH,
     )
     stats = {}
     for layer, moment in moments.items():

@@ -39,7 +39,12 @@ def subject_token_index(tok, prompt_template: str, subject: str, strategy: str) 
     ids = encode(tok, text)
     if strategy == "last":
         return ids, len(ids) - 1
-    start = len(next(string.Formatter().parse(prompt_template))[0])  # unescaped text before "{}"
+    prefix = ""
+    for literal, field_name, _, _ in string.Formatter().parse(prompt_template):
+        prefix += literal  # unescaped text; parse() splits it at every escaped brace
+        if field_name is not None:
+            break
+    start = len(prefix)
     end = start + len(subject)
     if getattr(tok, "is_fast", False):
         offsets = tok(text, add_special_tokens=True, return_offsets_mapping=True)["offset_mapping"]

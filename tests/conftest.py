@@ -60,3 +60,94 @@ def tokenizer():
 @pytest.fixture(params=sorted(BUILDERS))
 def arch(request):
     return request.param
+
+
+# ---------------------------------------------------------------------------
+# Shared helpers of the unit/property suite (test_math, test_editing, test_cache, test_bad_input).
+# ---------------------------------------------------------------------------
+
+# The models are tiny: extra threads only add overhead and contend with whatever else runs on the machine.
+torch.set_num_threads(1)
+
+# Prompts whose subject is the last word, so that a change at the subject token reaches the prediction.
+FACTS = [
+    {"prompt": "The capital of France", "subject": "France", "target_new": "Rome"},
+    {"prompt": "The mother tongue of Einstein", "subject": "Einstein", "target_new": "Japan"},
+    {"prompt": "The river located in Spain", "subject": "Spain", "target_new": "Tesla"},
+]
+
+
+def make_hparams(tmp_path, arch: str, n_lines: int = 40, **overrides):
+    """Hparams that work on the tiny models; the corpus has ``n_lines`` lines (40: full-rank statistics)."""
+    from alphaedit_plugin import AlphaEditHyperParams
+
+    fields = dict(layers=[1, 2], v_num_grad_steps=20, v_lr=0.5, clamp_norm_factor=10, v_weight_decay=1e-3, L2=0.1,
+                  nullspace_threshold=1e-6, mom2_dataset=write_corpus(tmp_path / f"corpus{n_lines}.txt", n_lines),
+                  mom2_n_samples=1000, stats_dir=str(tmp_path / "cache"), context_template_count=2,
+                  context_template_length=3, model_name=f"tiny-{arch}")
+    fields.update(overrides)
+    return AlphaEditHyperParams(**fields)
+
+
+def exact_hparams(tmp_path, arch: str, **overrides):
+    """Rank-deficient statistics (4 lines, 46 tokens < MLP width), float64, nothing held out: an exact null space."""
+    fields = dict(n_lines=4, mom2_dtype="float64", mom2_heldout_fraction=0.0, nullspace_threshold=1e-6)
+    fields.update(overrides)
+    return make_hparams(tmp_path, arch, **fields)
+
+
+def corpus_texts(path) -> list:
+    return [line.strip() for line in open(path, encoding="utf-8").read().splitlines() if line.strip()]
+
+
+def weights_snapshot(model) -> dict:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def assert_weights_unchanged(model, snapshot: dict) -> None:
+    current = model.state_dict()
+    assert set(current) == set(snapshot)
+    changed = [name for name, tensor in current.items() if not torch.equal(tensor, snapshot[name])]
+    assert not changed, f"weights changed: {changed}"
+
+
+@torch.no_grad()
+def module_inputs(model, tok, module_name: str, texts) -> list:
+    """Input of ``module_name`` at every token of each text (one unpadded forward per text): [(T, d_in)]."""
+    module = model.get_submodule(module_name)
+    captured = []
+    handle = module.register_forward_pre_hook(lambda _module, args: captured.append(args[0][0].detach().clone()))
+    try:
+        for text in texts:
+            model(input_ids=torch.tensor([tok(text)["input_ids"]]))
+    finally:
+        handle.remove()
+    return captured
+
+
+def fact_key(model, tok, module_name: str, prompt: str, context_templates) -> torch.Tensor:
+    """MEMIT/AlphaEdit key of a prompt whose subject is its last word: the module input at the last token,
+    averaged within each group of context prefixes, then over the groups."""
+    group_means = []
+    for group in context_templates:
+        rows = module_inputs(model, tok, module_name, [context.format(prompt) for context in group])
+        group_means.append(torch.stack([row[-1] for row in rows]).mean(dim=0))
+    return torch.stack(group_means).mean(dim=0)
+
+
+@torch.no_grad()
+def next_token_log_probs(model, tok, prompt: str) -> torch.Tensor:
+    return model(input_ids=torch.tensor([tok(prompt)["input_ids"]])).logits[0, -1].float().log_softmax(-1)
+
+
+def token_id(tok, word: str) -> int:
+    ids = tok(word, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 1 and ids[0] != tok.unk_token_id, f"{word!r} is not one vocabulary word"
+    return ids[0]
+
+
+def mid_spectrum_threshold(moment: torch.Tensor, fraction: float = 0.5) -> float:
+    """A threshold halfway (geometrically) between two neighbouring eigenvalues, about ``fraction`` up the spectrum."""
+    eigenvalues = torch.linalg.eigvalsh(moment.double())
+    k = max(0, min(len(eigenvalues) - 2, int(fraction * len(eigenvalues))))
+    return float((eigenvalues[k].clamp_min(1e-30) * eigenvalues[k + 1]).sqrt())

@@ -1,0 +1,195 @@
+"""Host compatibility: every place where the plugin works around EasyEdit itself.
+
+Kept in this one module so that what is patched, when and why can be read in
+one place (docs/easyedit.md repeats it). Each fix is gated on what
+:func:`inspect_host` detects in the installed host, and is applied only to
+calls made with the plugin's own hparams; the host's other methods are never
+touched.
+
+1. Hard-coded CUDA (PyPI ``easyeditor==0.0.1.dev0``). ``BaseEditor`` and the
+   evaluators build device strings as ``f"cuda:{hparams.device}"``. With
+   ``device: cpu`` that gives ``"cuda:cpu"``, which torch rejects. While a
+   ``BaseEditor`` call runs with AlphaEdit hparams whose device is not a CUDA
+   index, :func:`cuda_prefix_aliases` makes ``Tensor.to`` and ``Module.to``
+   read a malformed ``"cuda:<device>"`` string as ``"<device>"``
+   (``"cuda:cpu"`` -> ``"cpu"``, ``"cuda:cuda:1"`` -> ``"cuda:1"``). Strings
+   torch accepts (``"cuda:0"``) are passed through unchanged, so the patch can
+   only turn a crash into the intended placement, never change a working
+   call. It is off where the host has no hard-coded CUDA (the current
+   EasyEdit source) and where ``device`` is a CUDA index (``0``).
+2. ``BatchEditor.is_batchable_method`` (PyPI host) does not list AlphaEdit,
+   so ``batch_edit`` would refuse it; :func:`allow_batch_editing` adds the
+   name. Off where the host already lists it.
+3. The weights-copy contract differs between the hosts (see
+   :class:`HostInfo.restores_only_kept_weights`); the adapter reads it from
+   here instead of guessing.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ALG_NAME = "AlphaEdit"
+_PATCH_MARK = "__alphaedit_plugin_patch__"
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """What the installed EasyEdit host does, read from its code at registration time."""
+
+    version: str
+    # BaseEditor builds f"cuda:{...}" device strings (PyPI 0.0.1.dev0).
+    hardcodes_cuda: bool
+    # BatchEditor.is_batchable_method("AlphaEdit") is true.
+    lists_alphaedit_as_batchable: bool
+    # BaseEditor.edit has a sequential_edit argument (the current source).
+    has_sequential_edit: bool
+    # The host already ships its own "AlphaEdit" in ALG_DICT.
+    has_own_alphaedit: bool
+
+    @property
+    def restores_only_kept_weights(self) -> bool:
+        """True for the PyPI host: it restores weights from whatever ``weights_copy``
+        an editor returns, and its editors return one only when called with
+        ``keep_original_weight=True`` (else edits persist: sequential editing).
+        The current source decides with ``sequential_edit`` instead and expects
+        ``weights_copy`` whenever ``return_orig_weights`` is set."""
+        return not self.has_sequential_edit
+
+
+def inspect_host() -> HostInfo:
+    """Read the host's behaviour from the installed ``easyeditor`` package."""
+    import easyeditor
+    from easyeditor.editors.batch_editor import BatchEditor
+    from easyeditor.editors.editor import BaseEditor
+    from easyeditor.util import alg_dict
+
+    try:
+        source = inspect.getsource(inspect.unwrap(BaseEditor.__init__)) + \
+            inspect.getsource(inspect.unwrap(BaseEditor.edit))
+    except (OSError, TypeError):  # no source (zipped install): assume the worst, gates still check the device
+        source = 'f"cuda:{'
+    try:
+        from importlib.metadata import version
+        host_version = version("easyeditor")
+    except Exception:  # a source checkout on sys.path has no metadata
+        host_version = getattr(easyeditor, "__version__", "source")
+    own = alg_dict.ALG_DICT.get(ALG_NAME)
+    if getattr(own, _PATCH_MARK, False):  # the plugin's dispatcher: look behind it
+        own = getattr(own, "host_apply", None)
+    return HostInfo(
+        version=host_version,
+        hardcodes_cuda="cuda:{" in source,
+        lists_alphaedit_as_batchable=bool(_original(BatchEditor.is_batchable_method)(ALG_NAME)),
+        has_sequential_edit="sequential_edit" in inspect.signature(inspect.unwrap(BaseEditor.edit)).parameters,
+        has_own_alphaedit=own is not None,
+    )
+
+
+# ---------------------------------------------------------------------------
+# 1. "cuda:<device>" strings built by the PyPI host
+# ---------------------------------------------------------------------------
+def translate_device(device: Any) -> Any:
+    """``"cuda:cpu"`` -> ``"cpu"``; any device torch accepts is returned unchanged."""
+    if isinstance(device, str) and device.startswith("cuda:"):
+        rest = device[len("cuda:"):].strip()
+        if rest and not rest.isdigit():
+            return rest
+    return device
+
+
+def needs_cuda_aliases(host: HostInfo, device: Any) -> bool:
+    """Whether ``f"cuda:{device}"`` built by this host would be an invalid device string."""
+    if not host.hardcodes_cuda:
+        return False
+    if isinstance(device, bool):
+        return True
+    if isinstance(device, int):
+        return False
+    return translate_device(f"cuda:{device}") != f"cuda:{device}"
+
+
+def _translating(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def to(self, *args, **kwargs):
+        if args:
+            args = (translate_device(args[0]),) + args[1:]
+        if "device" in kwargs:
+            kwargs["device"] = translate_device(kwargs["device"])
+        return method(self, *args, **kwargs)
+
+    setattr(to, _PATCH_MARK, True)
+    return to
+
+
+_ALIAS_TARGETS = ((torch.Tensor, "to"), (torch.nn.Module, "to"))
+
+
+@contextmanager
+def cuda_prefix_aliases() -> Iterator[None]:
+    """Within the block, ``x.to("cuda:cpu")`` means ``x.to("cpu")`` (tensors and modules).
+
+    Re-entrant: an inner block leaves the patch to the outer one.
+    """
+    installed = []
+    for cls, name in _ALIAS_TARGETS:
+        current = getattr(cls, name)
+        if getattr(current, _PATCH_MARK, False):
+            continue
+        own = cls.__dict__.get(name)
+        setattr(cls, name, _translating(current))
+        installed.append((cls, name, own))
+    try:
+        yield
+    finally:
+        for cls, name, own in reversed(installed):
+            if own is None:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, own)
+
+
+def cuda_aliases_active() -> bool:
+    return any(getattr(getattr(cls, name), _PATCH_MARK, False) for cls, name in _ALIAS_TARGETS)
+
+
+# ---------------------------------------------------------------------------
+# 2. BatchEditor does not list AlphaEdit (PyPI host)
+# ---------------------------------------------------------------------------
+def _original(function: Callable) -> Callable:
+    return getattr(function, "__wrapped__", function) if getattr(function, _PATCH_MARK, False) else function
+
+
+def allow_batch_editing() -> bool:
+    """Let ``BatchEditor.is_batchable_method`` accept AlphaEdit; True if a patch was installed."""
+    from easyeditor.editors.batch_editor import BatchEditor
+
+    current = BatchEditor.is_batchable_method
+    if getattr(current, _PATCH_MARK, False) or current(ALG_NAME):
+        return False
+
+    @functools.wraps(current)
+    def is_batchable_method(alg_name: str) -> bool:
+        return alg_name == ALG_NAME or current(alg_name)
+
+    setattr(is_batchable_method, _PATCH_MARK, True)
+    BatchEditor.is_batchable_method = staticmethod(is_batchable_method)
+    logger.debug("easyeditor BatchEditor: AlphaEdit added to the batchable methods")
+    return True
+
+
+def undo_batch_editing() -> None:
+    from easyeditor.editors.batch_editor import BatchEditor
+
+    current = BatchEditor.is_batchable_method
+    if getattr(current, _PATCH_MARK, False):
+        BatchEditor.is_batchable_method = staticmethod(current.__wrapped__)

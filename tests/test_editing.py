@@ -1,0 +1,323 @@
+"""End-to-end editing on the tiny GPT-2 (Conv1D) and Llama (nn.Linear) models."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import (
+    BUILDERS,
+    FACTS,
+    assert_weights_unchanged,
+    corpus_texts,
+    exact_hparams,
+    fact_key,
+    make_hparams,
+    mid_spectrum_threshold,
+    module_inputs,
+    next_token_log_probs,
+    token_id,
+    weights_snapshot,
+)
+from alphaedit_plugin import (
+    AlphaEditState,
+    apply_alphaedit_to_model,
+    create_state,
+    execute_alphaedit,
+    normalise_requests,
+)
+from alphaedit_plugin import compute_targets
+from alphaedit_plugin.architectures import templates_for, weight_as_out_in
+from alphaedit_plugin.solve import preservation_ratio
+
+
+def rewrite_name(model, hparams, layer):
+    return templates_for(model, hparams).rewrite_module_tmp.format(layer)
+
+
+def weight_out_in(model, hparams, layer):
+    return weight_as_out_in(model.get_submodule(rewrite_name(model, hparams, layer))).detach().clone()
+
+
+@pytest.fixture
+def exact(tmp_path, arch, tokenizer):
+    """Model, hparams with an exact null space (rank-deficient statistics) and a fresh state."""
+    model = BUILDERS[arch]()
+    hparams = exact_hparams(tmp_path, arch)
+    return model, hparams, create_state(model, tokenizer, hparams)
+
+
+def preserved_keys(model, tok, hparams, layer):
+    texts = corpus_texts(hparams.mom2_dataset)
+    assert all(len(t) >= 40 for t in texts), "every corpus line must be long enough to be used by the statistics"
+    return torch.cat(module_inputs(model, tok, rewrite_name(model, hparams, layer), texts)).double()
+
+
+# ---------------------------------------------------------------------------
+# null-space preservation
+# ---------------------------------------------------------------------------
+
+def test_update_leaves_outputs_on_preserved_keys_unchanged(exact, tokenizer):
+    model, hparams, state = exact
+    texts = corpus_texts(hparams.mom2_dataset)
+    keys = {layer: preserved_keys(model, tokenizer, hparams, layer) for layer in hparams.layers}
+    before = {layer: weight_out_in(model, hparams, layer).double() for layer in hparams.layers}
+    with torch.no_grad():
+        logits_before = [model(input_ids=torch.tensor([tokenizer(t)["input_ids"]])).logits for t in texts]
+
+    apply_alphaedit_to_model(model, tokenizer, [FACTS[0]], hparams, state=state)
+
+    for layer in hparams.layers:
+        k0 = keys[layer]
+        d_in = k0.shape[1]
+        assert state.null_spaces[layer].rank == d_in - torch.linalg.matrix_rank(k0)  # the null space is exact
+        delta = weight_out_in(model, hparams, layer).double() - before[layer]
+        assert delta.norm() > 1e-2 * before[layer].norm(), f"layer {layer}: no update was made"
+        change = (delta @ k0.T).norm() / (before[layer] @ k0.T).norm()
+        assert change < 1e-4, f"layer {layer}: ‖ΔW K0‖/‖W K0‖ = {change:.2e}"
+    # Every preserved token keeps its keys, so the whole model's output on the corpus is unchanged.
+    with torch.no_grad():
+        for text, old in zip(texts, logits_before):
+            new = model(input_ids=torch.tensor([tokenizer(text)["input_ids"]])).logits
+            assert (new - old).norm() <= 1e-4 * old.norm()
+
+
+def test_without_the_projection_the_same_edit_disturbs_preserved_keys(exact, tokenizer):
+    """Control for the test above: with P = I (MEMIT-style) the preserved outputs do change."""
+    model, hparams, state = exact
+    for space in state.null_spaces.values():
+        space.projector = torch.eye(space.projector.shape[0])
+    layer = hparams.layers[0]
+    k0 = preserved_keys(model, tokenizer, hparams, layer)
+    before = weight_out_in(model, hparams, layer).double()
+    apply_alphaedit_to_model(model, tokenizer, [FACTS[0]], hparams, state=state)
+    delta = weight_out_in(model, hparams, layer).double() - before
+    assert (delta @ k0.T).norm() / (before @ k0.T).norm() > 1e-2
+
+
+def full_rank_hparams(tmp_path, arch, model, tok):
+    """40 corpus lines (full-rank statistics, some held out) and a threshold from the middle of the spectrum."""
+    probe = make_hparams(tmp_path, arch)
+    k0 = torch.cat(module_inputs(model, tok, rewrite_name(model, probe, 1), corpus_texts(probe.mom2_dataset)))
+    return make_hparams(tmp_path, arch, nullspace_threshold=mid_spectrum_threshold(k0.T @ k0 / len(k0)))
+
+
+def test_logged_preservation_matches_a_direct_computation(tmp_path, arch, tokenizer):
+    model = BUILDERS[arch]()
+    hparams = full_rank_hparams(tmp_path, arch, model, tokenizer)
+    state = create_state(model, tokenizer, hparams)
+    before = {layer: weight_out_in(model, hparams, layer) for layer in hparams.layers}
+    apply_alphaedit_to_model(model, tokenizer, [FACTS[0]], hparams, state=state)
+    record = state.edit_log[-1]
+    assert sorted(record.preservation) == hparams.layers
+    for layer in hparams.layers:
+        heldout = state.null_spaces[layer].heldout_keys.double()
+        delta = weight_out_in(model, hparams, layer).double() - before[layer].double()
+        expected = float((heldout @ delta.T).norm() / (heldout @ before[layer].double().T).norm())
+        assert record.preservation[layer] == pytest.approx(expected, rel=1e-4)
+        assert record.update_norms[layer] == pytest.approx(float(delta.norm()), rel=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# edits take effect, and last
+# ---------------------------------------------------------------------------
+
+def log_prob(model, tok, fact, word=None):
+    return float(next_token_log_probs(model, tok, fact["prompt"])[token_id(tok, word or fact["target_new"])])
+
+
+def top_answer(model, tok, fact):
+    return tok.convert_ids_to_tokens(int(next_token_log_probs(model, tok, fact["prompt"]).argmax()))
+
+
+def test_edit_makes_the_new_target_beat_the_old_answer(exact, tokenizer):
+    model, hparams, state = exact
+    fact = FACTS[0]
+    old_top = top_answer(model, tokenizer, fact)
+    assert old_top != fact["target_new"]
+    target_before = log_prob(model, tokenizer, fact)
+
+    edited, _ = apply_alphaedit_to_model(model, tokenizer, [fact], hparams, state=state)
+
+    assert edited is model
+    assert log_prob(model, tokenizer, fact) > log_prob(model, tokenizer, fact, old_top)
+    assert log_prob(model, tokenizer, fact) > target_before + 2.0
+    record = state.edit_log[-1]
+    assert len(state.edit_log) == 1 and state.edits_applied == 1
+    assert record.requests[0]["subject"] == fact["subject"]
+    assert 0 < record.target_probability[0] <= 1
+    assert all(v > 0 for v in record.update_norms.values())
+
+
+def test_second_edit_does_not_undo_the_first(exact, tokenizer):
+    model, hparams, state = exact
+    first, second = FACTS[0], FACTS[1]
+    first_before, old_top = log_prob(model, tokenizer, first), top_answer(model, tokenizer, first)
+    second_before = log_prob(model, tokenizer, second)
+
+    apply_alphaedit_to_model(model, tokenizer, [first], hparams, state=state)
+    apply_alphaedit_to_model(model, tokenizer, [second], hparams, state=state)
+
+    assert log_prob(model, tokenizer, second) > second_before + 2.0
+    assert log_prob(model, tokenizer, first) > first_before + 2.0
+    assert log_prob(model, tokenizer, first) > log_prob(model, tokenizer, first, old_top)
+    assert len(state.edit_log) == 2
+
+
+def test_batched_edit_of_three_facts(exact, tokenizer):
+    model, hparams, state = exact
+    before = {f["subject"]: (log_prob(model, tokenizer, f), top_answer(model, tokenizer, f)) for f in FACTS}
+    apply_alphaedit_to_model(model, tokenizer, FACTS, hparams, state=state)
+    for fact in FACTS:
+        target_before, old_top = before[fact["subject"]]
+        assert log_prob(model, tokenizer, fact) > target_before + 2.0, fact
+        if old_top != fact["target_new"]:
+            assert log_prob(model, tokenizer, fact) > log_prob(model, tokenizer, fact, old_top), fact
+    assert len(state.edit_log) == 1 and state.edits_applied == 3
+
+
+def test_previous_keys_cov_grows_by_the_new_keys(exact, tokenizer):
+    model, hparams, state = exact
+    assert all(float(c.abs().max()) == 0.0 for c in state.previous_keys_cov.values())
+    for batch in ([FACTS[0]], FACTS[1:]):
+        cov_before = {layer: c.clone().double() for layer, c in state.previous_keys_cov.items()}
+        apply_alphaedit_to_model(model, tokenizer, batch, hparams, state=state)
+        for layer in hparams.layers:
+            # A layer's keys do not depend on its own weight or on layers above: read them off the edited model.
+            keys = torch.stack([fact_key(model, tokenizer, rewrite_name(model, hparams, layer), f["prompt"],
+                                         state.context_templates) for f in batch]).double()
+            growth = state.previous_keys_cov[layer].double() - cov_before[layer]
+            expected = keys.T @ keys
+            assert (growth - expected).norm() <= 1e-4 * expected.norm(), f"layer {layer}"
+
+
+# ---------------------------------------------------------------------------
+# the batched target search
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stop_loss", [None, 0.7])
+def test_batched_target_search_equals_one_by_one(exact, tokenizer, monkeypatch, stop_loss):
+    model, hparams, state = exact
+    if stop_loss is not None:  # a stopping loss that facts reach at different steps
+        monkeypatch.setattr(compute_targets, "STOP_LOSS", stop_loss)
+    requests = normalise_requests(FACTS)
+    templates = templates_for(model, hparams)
+    layer = hparams.layers[-1]
+    batched = compute_targets.compute_target_values(model, tokenizer, requests, hparams, templates, layer,
+                                                    state.context_templates)
+    single = compute_targets.compute_target_values_one_by_one(model, tokenizer, requests, hparams, templates, layer,
+                                                              state.context_templates)
+    if stop_loss is not None:
+        steps = [compute_targets.compute_target_values(model, tokenizer, [r], hparams, templates, layer,
+                                                       state.context_templates).steps for r in requests]
+        assert len(set(steps)) > 1, f"precondition: facts should stop at different steps, got {steps}"
+    assert batched.values.shape == (3, model.config.hidden_size)
+    assert (batched.values - batched.initial).norm() > 1.0
+    assert torch.allclose(batched.initial, single.initial, rtol=1e-5, atol=1e-5)
+    assert (batched.values - single.values).norm(dim=1).max() <= 1e-4 * single.values.norm(dim=1).min()
+    assert batched.final_loss == pytest.approx(single.final_loss, rel=1e-4, abs=1e-5)
+    assert batched.target_probability == pytest.approx(single.target_probability, rel=1e-4, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# execute / apply contract
+# ---------------------------------------------------------------------------
+
+def test_execute_leaves_weights_bit_identical(exact, tokenizer):
+    model, hparams, state = exact
+    snapshot = weights_snapshot(model)
+    update = execute_alphaedit(model, tokenizer, normalise_requests(FACTS[:2]), hparams, state)
+    assert_weights_unchanged(model, snapshot)
+    assert sorted(update.deltas) == hparams.layers
+    assert all(update.deltas[layer].norm() > 0 for layer in hparams.layers)
+    assert all(update.keys[layer].shape[0] == 2 for layer in hparams.layers)
+    assert all(float(c.abs().max()) == 0.0 for c in state.previous_keys_cov.values())
+    assert state.edit_log == []
+
+
+def test_apply_writes_exactly_the_executed_update(exact, tokenizer):
+    model, hparams, state = exact
+    twin = copy.deepcopy(model)
+    update = execute_alphaedit(twin, tokenizer, normalise_requests([FACTS[0]]), hparams, state)
+    apply_alphaedit_to_model(model, tokenizer, [FACTS[0]], hparams, state=state)
+    for layer in hparams.layers:
+        expected = weight_out_in(twin, hparams, layer) + update.deltas[layer]
+        assert torch.equal(weight_out_in(model, hparams, layer), expected)
+
+
+def test_apply_twice_then_reset(exact, tokenizer):
+    model, hparams, state = exact
+    projectors = {layer: s.projector.clone() for layer, s in state.null_spaces.items()}
+    apply_alphaedit_to_model(model, tokenizer, [FACTS[0]], hparams, state=state)
+    after_one = {layer: c.clone() for layer, c in state.previous_keys_cov.items()}
+    apply_alphaedit_to_model(model, tokenizer, [FACTS[1]], hparams, state=state)
+    assert len(state.edit_log) == 2
+    for layer in hparams.layers:
+        assert state.previous_keys_cov[layer].norm() > after_one[layer].norm() > 0
+    state.reset()
+    assert state.edit_log == [] and state.edits_applied == 0
+    for layer in hparams.layers:
+        assert torch.count_nonzero(state.previous_keys_cov[layer]) == 0
+        assert torch.equal(state.null_spaces[layer].projector, projectors[layer])
+
+
+def test_state_save_load_round_trip(tmp_path, arch, tokenizer):
+    model = BUILDERS[arch]()
+    hparams = full_rank_hparams(tmp_path, arch, model, tokenizer)
+    state = create_state(model, tokenizer, hparams)
+    assert all(0 < s.rank < s.projector.shape[0] for s in state.null_spaces.values())
+    apply_alphaedit_to_model(model, tokenizer, [FACTS[0]], hparams, state=state)
+    path = tmp_path / "states" / "state.pt"
+    state.save(path)
+    loaded = AlphaEditState.load(path)
+
+    assert loaded.identity == state.identity
+    assert loaded.context_templates == state.context_templates
+    assert loaded.layers == state.layers == hparams.layers
+    for layer in hparams.layers:
+        a, b = state.null_spaces[layer], loaded.null_spaces[layer]
+        assert torch.equal(a.projector, b.projector)
+        assert (a.rank, a.token_count) == (b.rank, b.token_count)
+        assert a.heldout_keys is not None and torch.equal(a.heldout_keys, b.heldout_keys)
+        assert torch.equal(state.previous_keys_cov[layer], loaded.previous_keys_cov[layer])
+        assert loaded.previous_keys_cov[layer].norm() > 0
+    assert loaded.edit_log == state.edit_log
+
+    # The loaded state edits exactly as the original does.
+    twin = copy.deepcopy(model)
+    apply_alphaedit_to_model(model, tokenizer, [FACTS[1]], hparams, state=state)
+    apply_alphaedit_to_model(twin, tokenizer, [FACTS[1]], hparams, state=loaded)
+    for layer in hparams.layers:
+        assert torch.equal(weight_out_in(model, hparams, layer), weight_out_in(twin, hparams, layer))
+        assert torch.equal(state.previous_keys_cov[layer], loaded.previous_keys_cov[layer])
+
+
+def test_copy_true_leaves_the_original_untouched(exact, tokenizer):
+    model, hparams, state = exact
+    snapshot = weights_snapshot(model)
+    edited, _ = apply_alphaedit_to_model(model, tokenizer, [FACTS[0]], hparams, copy=True, state=state)
+    assert edited is not model
+    assert_weights_unchanged(model, snapshot)
+    changed = [n for n, t in edited.state_dict().items() if not torch.equal(t, snapshot[n])]
+    assert sorted(changed) == sorted(f"{rewrite_name(model, hparams, l)}.weight" for l in hparams.layers)
+    assert log_prob(edited, tokenizer, FACTS[0]) > log_prob(model, tokenizer, FACTS[0]) + 2.0
+
+
+def test_return_orig_weights(exact, tokenizer):
+    model, hparams, state = exact
+    snapshot = weights_snapshot(model)
+    _, originals = apply_alphaedit_to_model(model, tokenizer, [FACTS[0]], hparams, return_orig_weights=True,
+                                            keep_original_weight=True, state=state)
+    names = {f"{rewrite_name(model, hparams, layer)}.weight" for layer in hparams.layers}
+    assert set(originals) == names
+    current = model.state_dict()
+    for name in names:
+        assert torch.equal(originals[name], snapshot[name])  # same layout as the parameter (Conv1D: (in, out))
+        assert not torch.equal(current[name], snapshot[name])
+    # EasyEdit restores an edit by writing these back.
+    with torch.no_grad():
+        for name, tensor in originals.items():
+            model.get_parameter(name).copy_(tensor)
+    assert_weights_unchanged(model, snapshot)
+    _, nothing = apply_alphaedit_to_model(model, tokenizer, [FACTS[1]], hparams, state=state)
+    assert nothing == {}
