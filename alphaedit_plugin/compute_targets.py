@@ -43,30 +43,84 @@ class TargetSearchResult:
     steps: int
 
 
-def _plan_batch(tok, requests: Sequence[EditRequest], contexts: List[str], fact_token: str):
-    """Token sequences, subject positions and target positions for all facts."""
+@dataclass
+class _FactPrompts:
+    """The token sequences of one fact: one per context prefix, then its KL prompt."""
+
+    rewrite: List[List[int]]
+    rewrite_lookups: List[int]
+    target_ids: List[int]
+    kl: List[int]
+    kl_lookup: int
+
+
+def _fact_prompts(tok, request: EditRequest, index: int, contexts: List[str], fact_token: str) -> _FactPrompts:
+    target_ids = encode(tok, request.target, special_tokens=False)
+    if not target_ids:
+        raise ValueError(f"request {index}: target_new {request.target!r} tokenises to nothing")
+    rewrite, lookups = [], []
+    for context in contexts:
+        ids, position = subject_token_index(tok, context.format(request.prompt_template), request.subject, fact_token)
+        rewrite.append(ids + target_ids[:-1])  # the model reads the target up to its last token
+        lookups.append(position)
+    kl_ids, kl_lookup = subject_token_index(tok, KL_PROMPT, request.subject, fact_token)
+    return _FactPrompts(rewrite, lookups, target_ids, kl_ids, kl_lookup)
+
+
+@dataclass
+class _Batch:
+    """Padded inputs for a subset of facts, with the indices the loss needs."""
+
+    facts: torch.Tensor  # (k,) indices of the facts in this batch
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    edit_rows: torch.Tensor  # every row gets its fact's delta at its subject token
+    edit_positions: torch.Tensor
+    edit_owner: torch.Tensor  # the fact (row of delta) each edited row belongs to
+    first_rows: torch.Tensor  # (k,) the bare-prompt row of each fact
+    gather_rows: torch.Tensor  # one entry per target token of every rewrite row
+    gather_positions: torch.Tensor
+    gather_tokens: torch.Tensor
+    row_weight: torch.Tensor  # 1 / target length, per rewrite row
+    n_rewrite: int
+    kl_rows: torch.Tensor
+    kl_positions: torch.Tensor
+
+
+def _build_batch(prompts: List[_FactPrompts], facts: List[int], pad: int, device) -> _Batch:
     sequences, lookups, owners = [], [], []
-    target_positions, target_ids_rows = [], []
-    target_lengths = []
-    for fact, request in enumerate(requests):
-        target_ids = encode(tok, request.target, special_tokens=False)
-        if not target_ids:
-            raise ValueError(f"request {fact}: target_new {request.target!r} tokenises to nothing")
-        target_lengths.append(len(target_ids))
-        for context in contexts:
-            ids, index = subject_token_index(tok, context.format(request.prompt_template), request.subject, fact_token)
-            sequences.append(ids + target_ids[:-1])
-            lookups.append(index)
+    gather_rows, gather_positions, gather_tokens, row_weight, first_rows = [], [], [], [], []
+    for fact in facts:
+        first_rows.append(len(sequences))
+        for ids, position in zip(prompts[fact].rewrite, prompts[fact].rewrite_lookups):
+            row = len(sequences)
+            target = prompts[fact].target_ids
+            start = len(ids) - len(target)  # position that predicts the first target token
+            gather_rows += [row] * len(target)
+            gather_positions += list(range(start, start + len(target)))
+            gather_tokens += target
+            row_weight.append(1.0 / len(target))
+            sequences.append(ids)
+            lookups.append(position)
             owners.append(fact)
-            target_positions.append([len(ids) - 1 + j for j in range(len(target_ids))])
-            target_ids_rows.append(target_ids)
     n_rewrite = len(sequences)
-    for fact, request in enumerate(requests):
-        ids, index = subject_token_index(tok, KL_PROMPT, request.subject, fact_token)
-        sequences.append(ids)
-        lookups.append(index)
+    for fact in facts:
+        sequences.append(prompts[fact].kl)
+        lookups.append(prompts[fact].kl_lookup)
         owners.append(fact)
-    return sequences, lookups, owners, n_rewrite, target_positions, target_ids_rows, target_lengths
+    input_ids, attention_mask = pad_right(sequences, pad, device)
+
+    def tensor(values):
+        return torch.tensor(values, device=device)
+
+    return _Batch(
+        facts=tensor(facts), input_ids=input_ids, attention_mask=attention_mask,
+        edit_rows=torch.arange(len(sequences), device=device), edit_positions=tensor(lookups), edit_owner=tensor(owners),
+        first_rows=tensor(first_rows), gather_rows=tensor(gather_rows), gather_positions=tensor(gather_positions),
+        gather_tokens=tensor(gather_tokens), row_weight=torch.tensor(row_weight, device=device),
+        n_rewrite=n_rewrite, kl_rows=torch.arange(n_rewrite, len(sequences), device=device),
+        kl_positions=tensor(lookups[n_rewrite:]),
+    )
 
 
 def compute_target_values(
@@ -78,25 +132,17 @@ def compute_target_values(
     layer: int,
     context_templates: List[List[str]],
 ) -> TargetSearchResult:
-    """Search the target hidden states at block ``layer`` for all ``requests`` at once."""
-    contexts = flatten(context_templates)
-    n_facts = len(requests)
-    sequences, lookups, owners, n_rewrite, target_positions, target_ids_rows, target_lengths = _plan_batch(
-        tok, requests, contexts, hparams.fact_token
-    )
-    device = next(model.parameters()).device
-    input_ids, attention_mask = pad_right(sequences, pad_token_id(tok), device)
-    rows = torch.arange(len(sequences), device=device)
-    lookup_index = torch.tensor(lookups, device=device)
-    owner_index = torch.tensor(owners, device=device)
+    """Search the target hidden states at block ``layer`` for all ``requests`` at once.
 
-    # Gather indices of target tokens: (row, position, token id) triples.
-    gather_rows = torch.tensor([r for r, pos in enumerate(target_positions) for _ in pos], device=device)
-    gather_pos = torch.tensor([p for pos in target_positions for p in pos], device=device)
-    gather_tok = torch.tensor([t for ids in target_ids_rows for t in ids], device=device)
-    # Each rewrite row contributes mean log-prob of its target; each fact averages its rows.
-    row_weight = torch.tensor([1.0 / target_lengths[owners[r]] for r in range(n_rewrite)], device=device)
+    Facts whose loss falls below the stopping value are frozen and leave the
+    batch, so later steps only pay for the facts still being optimised.
+    """
+    contexts = flatten(context_templates)
     rows_per_fact = len(contexts)
+    n_facts = len(requests)
+    prompts = [_fact_prompts(tok, r, i, contexts, hparams.fact_token) for i, r in enumerate(requests)]
+    device = next(model.parameters()).device
+    pad = pad_token_id(tok)
 
     loss_layer = hparams.v_loss_layer if hparams.v_loss_layer >= 0 else num_layers(model) + hparams.v_loss_layer
     loss_layer = max(loss_layer, layer)
@@ -104,21 +150,25 @@ def compute_target_values(
     readout_name = templates.layer_module_tmp.format(loss_layer)
     final_norm = get_module(model, templates.ln_f_module)
     lm_head = get_module(model, templates.lm_head_module)
-
     get_module(model, edit_name)  # fails early, naming the module, if the template matches nothing
+
     delta = torch.zeros((n_facts, model.config.hidden_size), device=device, dtype=torch.float32, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
     frozen = torch.zeros(n_facts, dtype=torch.bool, device=device)
     frozen_delta = torch.zeros_like(delta)
-    optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
-    initial: torch.Tensor = None  # type: ignore[assignment]
+    initial = torch.zeros((n_facts, model.config.hidden_size), device=device)
+    initial_kl: torch.Tensor = None  # type: ignore[assignment]  # (n_facts, vocab), from the first step
+    losses = torch.zeros(n_facts)
+    probabilities = torch.zeros(n_facts)
+    batch = _build_batch(prompts, list(range(n_facts)), pad, device)
+    first_step = True
 
     def add_delta(hidden: torch.Tensor) -> torch.Tensor:
-        nonlocal initial
-        if initial is None:
-            first_rows = torch.arange(n_facts, device=device) * rows_per_fact
-            initial = hidden[first_rows, lookup_index[first_rows]].detach().float().clone()
+        if first_step:
+            initial[batch.facts] = hidden[batch.first_rows, batch.edit_positions[batch.first_rows]].detach().float()
         hidden = hidden.clone()
-        hidden[rows, lookup_index] = hidden[rows, lookup_index] + delta[owner_index].to(hidden.dtype)
+        rows, positions = batch.edit_rows, batch.edit_positions
+        hidden[rows, positions] = hidden[rows, positions] + delta[batch.edit_owner].to(hidden.dtype)
         return hidden
 
     grad_flags = [p.requires_grad for p in model.parameters()]
@@ -126,43 +176,46 @@ def compute_target_values(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    initial_kl = None
-    losses = torch.zeros(n_facts)
     step = 0
     try:
         with edit_output(model, edit_name, add_delta), capture_outputs(model, [readout_name]) as outputs, \
                 stop_after(model, readout_name) as run:
             for step in range(hparams.v_num_grad_steps):
                 optimizer.zero_grad()
-                run(input_ids=input_ids, attention_mask=attention_mask)
+                run(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
                 readout = outputs[readout_name]
-                target_hidden = final_norm(readout[gather_rows, gather_pos])
-                target_log_probs = torch.log_softmax(lm_head(target_hidden).float(), dim=-1)
-                token_log_probs = target_log_probs.gather(1, gather_tok[:, None]).squeeze(1)
-                row_log_prob = torch.zeros(n_rewrite, device=device).index_add(0, gather_rows, token_log_probs)
-                nll_per_fact = -(row_log_prob * row_weight).view(n_facts, rows_per_fact).mean(dim=1)
+                active = batch.facts
+                k = len(active)
 
-                kl_rows = torch.arange(n_rewrite, len(sequences), device=device)
-                kl_hidden = final_norm(readout[kl_rows, lookup_index[kl_rows]])
+                target_hidden = final_norm(readout[batch.gather_rows, batch.gather_positions])
+                token_log_probs = torch.log_softmax(lm_head(target_hidden).float(), dim=-1).gather(
+                    1, batch.gather_tokens[:, None]).squeeze(1)
+                row_log_prob = torch.zeros(batch.n_rewrite, device=device).index_add(0, batch.gather_rows, token_log_probs)
+                mean_log_prob = (row_log_prob * batch.row_weight).view(k, rows_per_fact).mean(dim=1)
+
+                kl_hidden = final_norm(readout[batch.kl_rows, batch.kl_positions])
                 kl_log_probs = torch.log_softmax(lm_head(kl_hidden).float(), dim=-1)
                 if initial_kl is None:
                     initial_kl = kl_log_probs.detach().clone()
                 # KL(current || initial), as MEMIT's kl_div(initial, current, log_target=True).
-                kl_per_fact = (kl_log_probs.exp() * (kl_log_probs - initial_kl)).sum(dim=1)
+                kl = (kl_log_probs.exp() * (kl_log_probs - initial_kl[active])).sum(dim=1)
 
-                decay_per_fact = delta.norm(dim=1) / initial.norm(dim=1) ** 2
-                loss_per_fact = nll_per_fact + hparams.kl_factor * kl_per_fact + hparams.v_weight_decay * decay_per_fact
-                if not torch.isfinite(loss_per_fact).all():
+                decay = delta[active].norm(dim=1) / initial[active].norm(dim=1) ** 2
+                loss = -mean_log_prob + hparams.kl_factor * kl + hparams.v_weight_decay * decay
+                if not torch.isfinite(loss).all():
                     raise FloatingPointError(f"target search produced a non-finite loss at step {step}")
-                losses = torch.where(frozen.cpu(), losses, loss_per_fact.detach().cpu())
-                newly_done = (loss_per_fact.detach() < STOP_LOSS) & ~frozen
-                if newly_done.any():
-                    frozen_delta[newly_done] = delta.detach()[newly_done]
-                    frozen |= newly_done
+                losses[active.cpu()] = loss.detach().cpu()
+                probabilities[active.cpu()] = mean_log_prob.detach().exp().cpu()
                 logger.debug("target search step %d: losses %s", step, [round(v, 3) for v in losses.tolist()])
+                first_step = False
+
+                done = active[loss.detach() < STOP_LOSS]
+                if len(done):
+                    frozen_delta[done] = delta.detach()[done]
+                    frozen[done] = True
                 if bool(frozen.all()) or step == hparams.v_num_grad_steps - 1:
                     break
-                loss_per_fact[~frozen].sum().backward()
+                loss[~frozen[active]].sum().backward()
                 optimizer.step()
                 with torch.no_grad():
                     delta[frozen] = frozen_delta[frozen]
@@ -170,11 +223,8 @@ def compute_target_values(
                     norms = delta.norm(dim=1)
                     scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
                     delta.mul_(scale[:, None])
-            target_probability = torch.exp(
-                torch.zeros(n_facts, device=device).index_add(
-                    0, owner_index[:n_rewrite], row_log_prob.detach() * row_weight
-                ) / rows_per_fact
-            )
+                if len(done):  # the converged facts leave the batch
+                    batch = _build_batch(prompts, torch.nonzero(~frozen).flatten().tolist(), pad, device)
     finally:
         for p, flag in zip(model.parameters(), grad_flags):
             p.requires_grad_(flag)
@@ -182,12 +232,11 @@ def compute_target_values(
 
     with torch.no_grad():
         delta_final = torch.where(frozen[:, None], frozen_delta, delta.detach())
-    values = initial + delta_final
     return TargetSearchResult(
-        values=values,
-        initial=initial,
+        values=initial + delta_final,
+        initial=initial.clone(),
         final_loss=losses.tolist(),
-        target_probability=target_probability.cpu().tolist(),
+        target_probability=probabilities.tolist(),
         steps=step + 1,
     )
 
