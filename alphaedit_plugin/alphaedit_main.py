@@ -14,11 +14,12 @@ import copy as copy_module
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .architectures import ModuleTemplates, UnknownArchitectureError, add_to_weight, get_module, num_layers, templates_for, weight_as_out_in
+from .architectures import (ModuleTemplates, UnknownArchitectureError, add_to_weight, get_module, is_transposed,
+                            num_layers, templates_for)
 from .compute_keys import compute_keys_and_values
 from .compute_targets import TargetSearchResult, compute_target_values
 from .context_templates import generate_context_templates
@@ -169,8 +170,9 @@ def apply_alphaedit_to_model(
                         for layer, module in modules.items()}
 
     update = execute_alphaedit(model, tok, normalised, hparams, state)
-    before = {layer: weight_as_out_in(module).detach().clone() for layer, module in modules.items()}
     originals = {layer: module.weight.detach().clone() for layer, module in modules.items()}
+    before = {layer: originals[layer].T if is_transposed(module) else originals[layer]  # (out, in)
+              for layer, module in modules.items()}
     try:
         for layer in hparams.layers:
             add_to_weight(modules[layer], update.deltas[layer])

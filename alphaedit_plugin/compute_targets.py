@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import List, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .architectures import ModuleTemplates, get_module, num_layers
 from .context_templates import flatten

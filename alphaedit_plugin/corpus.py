@@ -88,7 +88,6 @@ def _paragraphs(files: List[Path]) -> Iterator[str]:
 
 def _hub_texts(spec: str, n_samples: int) -> Iterator[str]:
     try:
-        import datasets  # noqa: F401  (optional)
         from datasets import load_dataset
     except ImportError as error:
         raise CorpusError(f"mom2_dataset {spec!r} is a hub name, but the 'datasets' package is not installed; "

@@ -81,7 +81,7 @@ class AlphaEditHyperParams:
     stats_dir: Optional[str] = _help(
         "Cache folder for statistics and projectors; else $ALPHAEDIT_CACHE; else ~/.cache/alphaedit.", default=None
     )
-    batch_size: int = _help("Requests per batch in EasyEdit's batch_edit.", default=10)
+    batch_size: int = _help("Requests per chunk in EasyEdit's batch_edit (its edit() needs 1).", default=1)
     max_length: int = _help("Maximum generation length used by EasyEdit evaluators.", default=40)
     model_parallel: bool = _help("Kept for EasyEdit compatibility; AlphaEdit runs on one device.", default=False)
     seed: int = _help("Seed for context-template sampling and self-corpus generation.", default=0)

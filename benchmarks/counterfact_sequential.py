@@ -38,6 +38,27 @@ SHARED = ROOT.parent / "shared" / "data"
 logger = logging.getLogger("benchmark")
 
 
+def probe_keys(model, tok, texts, module_names) -> dict:
+    """Inputs of the edited modules on every token of ``texts`` (text neither corpus contains)."""
+    from alphaedit_plugin.tracing import capture_inputs
+
+    keys = {name: [] for name in module_names}
+    with torch.no_grad(), capture_inputs(model, list(module_names)) as captured:
+        for text in texts:
+            model(input_ids=torch.tensor([tok(text)["input_ids"]]))
+            for name in module_names:
+                keys[name].append(captured[name][0].float())
+    return {name: torch.cat(rows) for name, rows in keys.items()}
+
+
+def load_probe_texts(path: Path, count: int) -> list:
+    texts = []
+    for line in path.read_text().splitlines()[:count]:
+        record = json.loads(line)
+        texts.append(f"{record['goal']} {record['sol1']}")
+    return texts
+
+
 def search_comparison(model, tok, requests, hparams, state) -> dict:
     """Batched vs one-by-one target search on the same facts (model unchanged by either)."""
     templates = templates_for(model, hparams)
@@ -75,6 +96,9 @@ def main() -> int:
     parser.add_argument("--hparams", default=str(ROOT / "hparams" / "AlphaEdit" / "smollm2-135m.yaml"))
     parser.add_argument("--stats-dir", default=None, help="cache folder (default: a fresh temporary one, so the "
                                                            "first-run time is measured)")
+    parser.add_argument("--probe", default=str(SHARED / "locality" / "piqa_valid.jsonl"),
+                        help="JSONL (PIQA) whose texts give keys outside any statistics corpus, to compare corpora")
+    parser.add_argument("--probe-count", type=int, default=200)
     parser.add_argument("--search-facts", type=int, default=10, help="facts in the batched vs one-by-one comparison")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "counterfact_smollm2.json"))
     args = parser.parse_args()
@@ -102,6 +126,11 @@ def main() -> int:
     templates = templates_for(model, hparams)
     modules = {l: get_module(model, templates.rewrite_module_tmp.format(l)) for l in hparams.layers}
     original = {l: weight_as_out_in(m).detach().clone() for l, m in modules.items()}
+    probe = None
+    if Path(args.probe).is_file():
+        names = {l: templates.rewrite_module_tmp.format(l) for l in hparams.layers}
+        captured = probe_keys(model, tok, load_probe_texts(Path(args.probe), args.probe_count), names.values())
+        probe = {l: captured[names[l]] for l in hparams.layers}
 
     result = {"command": " ".join(shlex.quote(a) for a in sys.argv), "machine": platform.platform(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "hparams": hparams.method_fields(),
@@ -136,6 +165,12 @@ def main() -> int:
         l: preservation_ratio(weight_as_out_in(m).detach() - original[l], original[l], state.null_spaces[l].heldout_keys)
         for l, m in modules.items() if state.null_spaces[l].heldout_keys is not None
     }
+    if probe is not None:
+        result["preservation_cumulative_probe"] = {
+            l: preservation_ratio(weight_as_out_in(m).detach() - original[l], original[l], probe[l])
+            for l, m in modules.items()
+        }
+        result["probe"] = f"{args.probe} (first {args.probe_count} records, goal + sol1)"
     result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     output = Path(args.output)
@@ -152,8 +187,11 @@ def main() -> int:
     print(f"target search on {search['facts']} facts: batched {search['batched_seconds']:.1f} s, one by one "
           f"{search['one_by_one_seconds']:.1f} s ({search['speedup']:.1f}x); mean target probability "
           f"{search['batched_mean_target_probability']:.3f} vs {search['one_by_one_mean_target_probability']:.3f}")
-    print(f"preservation ‖ΔW·K0‖/‖W·K0‖ on held-out keys, cumulative: "
+    print("preservation ‖ΔW·K0‖/‖W·K0‖ on held-out keys, cumulative: "
           + ", ".join(f"layer {l}: {v:.3f}" for l, v in result["preservation_cumulative"].items()))
+    if probe is not None:
+        print("preservation on probe text outside any corpus (PIQA), cumulative: "
+              + ", ".join(f"layer {l}: {v:.3f}" for l, v in result["preservation_cumulative_probe"].items()))
     print(f"saved {output}")
     return 0
 

@@ -279,3 +279,10 @@ def test_from_hparams_refuses_a_file_that_is_not_a_mapping(tmp_path):
 def test_from_hparams_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothere.yaml"):
         AlphaEditHyperParams.from_hparams(tmp_path / "nothere")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "hparams" / "AlphaEdit").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_alphaedit_yaml_loads(path):
+    hparams = AlphaEditHyperParams.from_hparams(path)
+    assert hparams.alg_name == "AlphaEdit" and hparams.layers and hparams.nullspace_threshold > 0

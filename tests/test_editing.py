@@ -28,7 +28,6 @@ from alphaedit_plugin import (
 )
 from alphaedit_plugin import compute_targets
 from alphaedit_plugin.architectures import templates_for, weight_as_out_in
-from alphaedit_plugin.solve import preservation_ratio
 
 
 def rewrite_name(model, hparams, layer):
