@@ -26,6 +26,7 @@ def register_if_available() -> bool:
         return False
     try:
         module = importlib.import_module("alphaedit_plugin.easyedit")
+        importlib.import_module("alphaedit_plugin.baselines")  # registers MEMIT, PRUNE and RECT (with and without P)
     except Exception as error:  # a host that fails to import must not break the core package
         logger.warning("alphaedit_plugin: easyeditor is installed but AlphaEdit could not be registered "
                        "in it: %s: %s", type(error).__name__, error)
