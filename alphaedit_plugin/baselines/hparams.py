@@ -1,0 +1,158 @@
+"""Hyperparameters of the MEMIT, PRUNE and RECT executors, each with or without the projection P.
+
+Each class extends :class:`alphaedit_plugin.AlphaEditHyperParams`: the
+target search, module templates, statistics corpus and run-time fields are
+the same (so the same yaml keys, the same cache and the same EasyEdit hooks
+apply), and each adds its own method fields. ``projection`` selects the
+variant: ``false`` is the published method, ``true`` inserts AlphaEdit's
+null-space projector P into its solve (the paper's Section 4.5 "one line").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Tuple, Union
+
+import yaml
+
+from ..hparams import ALG_NAME as ALPHAEDIT_NAME
+from ..hparams import AlphaEditHyperParams, _coerce_number, _help, _require
+
+RECT_ORDERS = ("sparsify_then_project", "project_then_sparsify")
+
+
+@dataclass
+class BaselineHyperParams(AlphaEditHyperParams):
+    """Shared fields of the MEMIT family executors (not used directly)."""
+
+    ALG_NAME: ClassVar[str] = ""
+
+    projection: bool = _help(
+        "Insert the null-space projector P into the solve (and carry Kp Kpᵀ of earlier edits): the "
+        "AlphaEdit-projected twin of the method. false reproduces the published method.", default=False)
+    mom2_update_weight: float = _help(
+        "λ of MEMIT's preservation term λ·C0 in the normal equations (C0: count-normalised K0K0ᵀ).", default=15000.0)
+    L2: float = _help("Ridge term of the projected solve (used only with projection: true).", default=10.0)
+
+    def validate(self) -> None:
+        expected = type(self).ALG_NAME
+        if self.alg_name != expected:
+            raise ValueError(f"alg_name must be {expected!r} for {type(self).__name__}, got {self.alg_name!r}")
+        # The shared fields are checked by AlphaEditHyperParams.validate, which insists on its own alg_name.
+        self.alg_name = ALPHAEDIT_NAME
+        try:
+            super().validate()
+        finally:
+            self.alg_name = expected
+        if not isinstance(self.projection, bool):
+            raise ValueError(f"projection must be true or false, got {self.projection!r}")
+        _require(self, "mom2_update_weight", float, lambda v: v > 0, "a number > 0")
+
+    @classmethod
+    def from_hparams(cls, path: Union[str, os.PathLike]) -> "BaselineHyperParams":
+        path = Path(path)
+        if path.suffix not in (".yaml", ".yml"):
+            path = path.with_name(path.name + ".yaml")
+        if not path.is_file():
+            raise FileNotFoundError(f"hparams file not found: {path}")
+        with open(path, "r", encoding="utf-8") as stream:
+            config = yaml.safe_load(stream)
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: expected a mapping of hparams fields, got {type(config).__name__}")
+        return cls.from_dict(config, source=str(path))
+
+    @classmethod
+    def from_dict(cls, config: dict, source: str = "hparams") -> "BaselineHyperParams":
+        config = dict(config)
+        if config.get("alg_name") != cls.ALG_NAME:
+            raise ValueError(f"{source}: alg_name must be {cls.ALG_NAME!r} for {cls.__name__}, "
+                             f"got {config.get('alg_name')!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown field(s) {unknown}; allowed fields are {sorted(known)}")
+        if "layers" not in config:
+            raise ValueError(f"{source}: missing required field 'layers' (the blocks to edit, e.g. [4, 5, 6, 7, 8])")
+        return cls(**{key: _coerce_number(value) for key, value in config.items()})
+
+    def method_fields(self) -> dict:
+        fields = super().method_fields()
+        fields["mom2_update_weight"] = self.mom2_update_weight
+        fields["alg_name"] = self.alg_name
+        return fields
+
+    @property
+    def label(self) -> str:
+        """``MEMIT`` or ``MEMIT+P``: how tables and logs name the variant."""
+        return self.alg_name + ("+P" if self.projection else "")
+
+
+@dataclass
+class MEMITHyperParams(BaselineHyperParams):
+    """MEMIT (Meng et al., ICLR 2023): Δ = R K1ᵀ (λ C0 + K1 K1ᵀ)⁻¹ per layer."""
+
+    ALG_NAME: ClassVar[str] = "MEMIT"
+    alg_name: str = _help("Must be MEMIT.", default="MEMIT")
+
+
+@dataclass
+class PRUNEHyperParams(BaselineHyperParams):
+    """PRUNE (Ma et al., ICLR 2025) on MEMIT: the accumulated update's large singular values are restrained."""
+
+    ALG_NAME: ClassVar[str] = "PRUNE"
+    alg_name: str = _help("Must be PRUNE.", default="PRUNE")
+    prune_log_base: float = _help(
+        "Base α of the restraint F(σ) = log_α(σ) − log_α(σ_max(W)) + σ_max(W), applied to the singular "
+        "values σ of the accumulated update that exceed the original weight's largest singular value "
+        "(the PRUNE paper's default is the natural log, α = e).", default=2.718281828459045)
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self, "prune_log_base", float, lambda v: v > 1, "a number > 1")
+
+
+@dataclass
+class RECTHyperParams(BaselineHyperParams):
+    """RECT (Gu et al., EMNLP 2024) on MEMIT: only the top entries of the update by |Δ|/|W| are kept."""
+
+    ALG_NAME: ClassVar[str] = "RECT"
+    alg_name: str = _help("Must be RECT.", default="RECT")
+    rect_top_fraction: float = _help(
+        "Fraction of each update's entries kept, ranked by relative change |Δ_ij|/|W_ij| (the paper's 40%).",
+        default=0.4)
+    rect_projection_order: str = _help(
+        "With projection: sparsify_then_project (default; Δ = (Δ ⊙ M) P keeps ΔK0 ≈ 0 exactly but is no longer "
+        "sparse) or project_then_sparsify (keeps the sparsity; ΔK0 ≈ 0 only approximately).",
+        default="sparsify_then_project")
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self, "rect_top_fraction", float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+        if self.rect_projection_order not in RECT_ORDERS:
+            raise ValueError(f"rect_projection_order must be one of {RECT_ORDERS}, got {self.rect_projection_order!r}")
+
+
+HPARAMS_CLASSES: Tuple[type, ...] = (MEMITHyperParams, PRUNEHyperParams, RECTHyperParams)
+
+
+def hparams_class_for(alg_name: str) -> type:
+    for cls in HPARAMS_CLASSES:
+        if cls.ALG_NAME == alg_name:
+            return cls
+    raise ValueError(f"alg_name must be one of {[c.ALG_NAME for c in HPARAMS_CLASSES]}, got {alg_name!r}")
+
+
+def load_hparams(path: Union[str, os.PathLike]) -> BaselineHyperParams:
+    """Read a yaml file of any of the three methods (the class is chosen by its alg_name)."""
+    path = Path(path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = path.with_name(path.name + ".yaml")
+    if not path.is_file():
+        raise FileNotFoundError(f"hparams file not found: {path}")
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a mapping of hparams fields, got {type(config).__name__}")
+    return hparams_class_for(config.get("alg_name")).from_dict(config, source=str(path))

@@ -1,0 +1,120 @@
+"""``alphaedit-bench``: the paper's sequential-editing protocol on any model, dataset and methods.
+
+Example (SmolLM2, 100 CounterFact edits in batches of 10, curves every 2 batches)::
+
+    alphaedit-bench --methods AlphaEdit unedited --model smollm2 \\
+        --data ../shared/data/counterfact/counterfact-edit.json --edits 100 --batch-size 10 \\
+        --hparams hparams/AlphaEdit/smollm2-135m.yaml --corpus ../shared/data/wikitext/wiki.test.raw \\
+        --eval-every 2 --output runs/cf100
+
+Re-running the same command resumes from the last finished batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from ..evaluation.datasets import FAMILIES, PARSERS, DatasetError
+from ..evaluation.glue import TASKS
+from ..evaluation.scoring import EvalOptions
+from .methods import MethodOptions, available_methods
+from .runner import BenchConfig, BenchmarkError, run_benchmark
+
+logger = logging.getLogger("alphaedit_plugin.bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alphaedit-bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=["AlphaEdit"], help=f"registered: {', '.join(available_methods())}")
+    p.add_argument("--model", default="smollm2", help="'smollm2' or a local checkpoint folder")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data", required=True, help="benchmark JSON file (CounterFact, ZsRE, KnowEdit, MQuAKE, LEME)")
+    p.add_argument("--dataset", choices=FAMILIES, default=None, help="check the file is of this family (default: detect)")
+    p.add_argument("--schema", choices=sorted(PARSERS), default=None, help="force a schema (default: detect)")
+    p.add_argument("--edits", type=int, required=True, help="number of cases edited (MQuAKE: cases, each with all its rewrites)")
+    p.add_argument("--batch-size", type=int, default=1, help="cases per sequential batch")
+    p.add_argument("--eval-every", type=int, default=0, help="also evaluate after every k-th batch (curves); 0: end only")
+    p.add_argument("--output", required=True, help="output folder (results, plots, resume state)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-bad-records", action="store_true",
+                   help="leave out (and log) records that fail the schema check instead of stopping")
+    g = p.add_argument_group("AlphaEdit")
+    g.add_argument("--hparams", default=None, help="AlphaEdit yaml (default for smollm2: hparams/AlphaEdit/smollm2-135m.yaml)")
+    g.add_argument("--corpus", default=None, help="mom2_dataset override: a text file/folder or 'self'")
+    g.add_argument("--samples", type=int, default=None, help="mom2_n_samples override")
+    g.add_argument("--max-tokens", type=int, default=None, help="mom2_max_tokens override")
+    g.add_argument("--stats-dir", default=None, help="statistics/projector cache folder override")
+    e = p.add_argument_group("metrics")
+    e.add_argument("--fluency", action="store_true", help="generate text for Fluency (and Consistency); slow on a CPU")
+    e.add_argument("--fluency-prompts", type=int, default=1, help="generation prompts per case")
+    e.add_argument("--generation-tokens", type=int, default=100, help="new tokens per Fluency/LEME generation")
+    e.add_argument("--reference-snippets", default=None, help="ROME attribute_snippets.json for Consistency")
+    e.add_argument("--no-cot", action="store_true", help="MQuAKE: skip the chain-of-thought variant")
+    e.add_argument("--general", nargs="*", default=None, choices=TASKS, metavar="TASK",
+                   help=f"general-capability tasks before/after editing (no TASK: all of {', '.join(TASKS)})")
+    e.add_argument("--glue-dir", default=None, help="folder of sst2.json, mmlu.json, ... (../shared/data/glue)")
+    e.add_argument("--general-n", type=int, default=100, help="records per task (records 10.. as in AlphaEdit)")
+    e.add_argument("--rte-mapping", choices=("glue", "repo"), default="glue",
+                   help="'repo' reproduces AlphaEdit's inverted RTE target")
+    e.add_argument("--representation", type=int, default=0, metavar="N",
+                   help="hidden-representation shift on N factual prompts (0: off)")
+    e.add_argument("--no-plots", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def config_from_args(args) -> BenchConfig:
+    hparams = args.hparams
+    if hparams is None and "AlphaEdit" in args.methods and args.model.lower().startswith("smollm2"):
+        default = Path(__file__).resolve().parents[2] / "hparams" / "AlphaEdit" / "smollm2-135m.yaml"
+        if default.is_file():
+            hparams = str(default)
+    overrides = {k: v for k, v in {"mom2_dataset": args.corpus, "mom2_n_samples": args.samples,
+                                   "mom2_max_tokens": args.max_tokens, "stats_dir": args.stats_dir,
+                                   "device": args.device}.items() if v is not None}
+    snippets = None
+    if args.reference_snippets:
+        from ..evaluation.counterfact import load_snippets
+
+        snippets = load_snippets(args.reference_snippets)
+    general = list(TASKS) if args.general == [] else (args.general or [])
+    return BenchConfig(
+        methods=args.methods, dataset=args.data, edits=args.edits, batch_size=args.batch_size, output=args.output,
+        schema=args.schema, family=args.dataset, eval_every=args.eval_every, seed=args.seed, model_name=args.model,
+        eval=EvalOptions(fluency=args.fluency, fluency_prompts=args.fluency_prompts,
+                         generation_tokens=args.generation_tokens, cot=not args.no_cot, seed=args.seed,
+                         snippets=snippets),
+        general_tasks=general, glue_dir=args.glue_dir, general_n=args.general_n, rte_mapping=args.rte_mapping,
+        representation_prompts=args.representation, plots=not args.no_plots,
+        skip_bad_records=args.skip_bad_records,
+        method_options={m: MethodOptions(hparams=hparams if m == "AlphaEdit" else None,
+                                         overrides=overrides if m == "AlphaEdit" else {}, seed=args.seed)
+                        for m in args.methods},
+    )
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+        results = run_benchmark(config, device=args.device)
+    except (DatasetError, BenchmarkError, ValueError, FileNotFoundError) as error:
+        logger.error("%s", error)
+        return 2
+    from .report import markdown_table
+
+    print(markdown_table(results))
+    print(f"results: {results['files']['json']}, {results['files']['markdown']}; plots: "
+          + (", ".join(results["files"]["plots"]) or "none"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

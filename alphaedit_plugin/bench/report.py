@@ -1,0 +1,136 @@
+"""Results of a benchmark run: ``results.json``, ``results.md`` (one row per method) and PNG plots.
+
+Plots (matplotlib, optional: without it the run logs a warning and writes no PNG):
+
+- ``plot_<metric>.png``: the metric against the number of edits, one line per method
+  (points after every ``eval_every`` batches and after the last);
+- ``general_<task>.png``: general-capability F1 (likelihood) against edits, starting from the
+  unedited model at 0 edits;
+- ``representation.png``: the 2-D projection of hidden states before and after each method.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+logger = logging.getLogger(__name__)
+
+LABELS = {"efficacy": "Efficacy", "generalization": "Generalization", "specificity": "Specificity",
+          "fluency": "Fluency", "consistency": "Consistency", "edit_succ": "Edit Succ.", "portability": "Portability",
+          "locality": "Locality", "multihop_accuracy": "Multi-hop", "multihop_cot_accuracy": "Multi-hop (CoT)",
+          "new_single_hop_accuracy": "Single-hop (new)", "edit_mention": "Edit mention", "old_mention": "Old mention",
+          "subject_fact_recall": "Subject facts", "related_fact_recall": "Related facts"}
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
+
+
+def markdown_table(results: Dict[str, Any]) -> str:
+    headline = [m for m in results["headline"]
+                if any(isinstance(r["final"].get(m), (int, float)) for r in results["methods"].values())
+                or isinstance(results["pre"].get(m), (int, float))]
+    tasks = sorted((results.get("general_pre") or {}).keys())
+    head = ["Method", "Edits"] + [LABELS.get(m, m) for m in headline] + [f"{t} F1" for t in tasks] + ["s/edit"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    pre_general = results.get("general_pre") or {}
+    lines.append("| " + " | ".join(["(before editing)", "0"] + [_fmt(results["pre"].get(m)) for m in headline]
+                                   + [_fmt(100 * pre_general[t]["f1_new"]) for t in tasks] + [""]) + " |")
+    for name, r in results["methods"].items():
+        general = r.get("general") or {}
+        cells = [name, str(r["edits"])] + [_fmt(r["final"].get(m)) for m in headline]
+        cells += [_fmt(100 * general[t]["f1_new"]) if t in general else "n/a" for t in tasks]
+        cells.append(_fmt(r.get("seconds_per_edit")))
+        lines.append("| " + " | ".join(cells) + " |")
+    protocol = results["protocol"]
+    text = [f"**{results['dataset']['family']}** ({results['dataset']['schema']}, `{results['dataset']['path']}`), "
+            f"model `{results['model']}`: {protocol['edits']} cases edited in {protocol['batches']} sequential batches "
+            f"of {protocol['batch_size']}, scored after the last batch (seed {protocol['seed']}).", ""] + lines
+    if tasks:
+        text += ["", "General-capability columns: weighted F1 ×100 of the likelihood-scored answers (`f1_new`); "
+                     "`results.json` holds the generation-scored F1, MCC and counts too."]
+    notes = sorted({n for r in results["methods"].values() for n in r["final"].get("notes", [])})
+    if notes:
+        text += ["", "Notes:"] + [f"- {n}" for n in notes]
+    return "\n".join(text) + "\n"
+
+
+def _plt():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        return None
+
+
+def plot_curves(results: Dict[str, Any], out: Path) -> List[Path]:
+    plt = _plt()
+    if plt is None:
+        logger.warning("matplotlib is not installed: no plots written (pip install matplotlib)")
+        return []
+    written = []
+    metrics = [m for m in results["headline"]
+               if any(isinstance(p["metrics"].get(m), (int, float)) for r in results["methods"].values()
+                      for p in r["curve"])]
+    for metric in metrics:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for name, r in results["methods"].items():
+            points = [(p["edits"], p["metrics"].get(metric)) for p in r["curve"]
+                      if isinstance(p["metrics"].get(metric), (int, float))]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=name)
+        ax.set_xlabel("number of edits")
+        ax.set_ylabel(LABELS.get(metric, metric))
+        ax.set_title(f"{LABELS.get(metric, metric)} vs. number of edits ({results['dataset']['family']})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out / f"plot_{metric}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    pre = results.get("general_pre") or {}
+    for task in sorted(pre):
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for name, r in results["methods"].items():
+            points = [(0, 100 * pre[task]["f1_new"])] + [(p["edits"], 100 * p["general"][task]["f1_new"])
+                                                         for p in r["curve"] if p.get("general")]
+            ax.plot(*zip(*points), marker="o", label=name)
+        ax.set_xlabel("number of edits")
+        ax.set_ylabel(f"{task} F1 (likelihood)")
+        ax.set_title(f"General capability: {task}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out / f"general_{task}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_reports(results: Dict[str, Any], out: Path, reference: Optional[Dict[str, Any]] = None,
+                  plots: bool = True) -> Dict[str, Any]:
+    out = Path(out)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (out / "results.md").write_text(markdown_table(results))
+    written = plot_curves(results, out) if plots else []
+    if plots and reference and reference.get("representation"):
+        import numpy as np
+
+        from ..evaluation.representation import plot_projection
+
+        afters = {name: np.load(out / "methods" / name / "representation_after.npy")
+                  for name in results["methods"] if (out / "methods" / name / "representation_after.npy").exists()}
+        if afters and plot_projection(np.array(reference["representation"]["before"]), afters,
+                                      out / "representation.png"):
+            written.append(out / "representation.png")
+    results["files"] = {"json": str(out / "results.json"), "markdown": str(out / "results.md"),
+                        "plots": [str(p) for p in written]}
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    return results

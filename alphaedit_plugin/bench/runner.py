@@ -1,0 +1,351 @@
+"""The sequential-editing benchmark (AlphaEdit's protocol) with resumable state in the output folder.
+
+Protocol: the first ``edits`` cases of a dataset are edited in T = ⌈edits/B⌉
+batches of B cases, one batch after another, into the same model (a case is
+one fact, or all rewrites of an MQuAKE case). After the last batch every
+edited case is evaluated; with ``eval_every = k`` the cases edited so far are
+also evaluated after every k-th batch (the curves). Each method starts from
+the same original weights.
+
+Output folder::
+
+    run.json                      settings of the run (a different run in the same folder is refused)
+    reference.json                what was read from the unedited model (pre-edit scores, locality predictions)
+    methods/<name>/checkpoint.pt  edited weights + progress after the last finished batch
+    methods/<name>/state_b<t>/    the method's own state after batch t (AlphaEdit: its AlphaEditState)
+    methods/<name>/progress.json  the same progress, readable; "status": running | failed | complete
+    results.json, results.md, *.png
+
+Re-running the same command resumes every method from its last finished
+batch; a complete method is not run again. Seeds: the global torch seed is
+set to ``seed + t`` before batch t and to ``seed`` before each evaluation, so
+a resumed run computes what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from ..evaluation import EvalOptions, ModelScorer, family_module, load_dataset
+from ..evaluation.datasets import EditCase
+from .methods import MethodOptions, available_methods, create_method, register_method  # noqa: F401 (re-export)
+
+logger = logging.getLogger(__name__)
+FORMAT = 1
+
+
+class BenchmarkError(RuntimeError):
+    """The run cannot go on; what finished is saved in the output folder."""
+
+
+@dataclass
+class BenchConfig:
+    methods: List[str]
+    dataset: str  # path of the benchmark file
+    edits: int
+    batch_size: int
+    output: str
+    schema: Optional[str] = None  # force a schema (default: detected)
+    family: Optional[str] = None  # check the file belongs to this family
+    eval_every: int = 0  # evaluate after every k-th batch as well (0: only after the last)
+    seed: int = 0
+    model_name: str = "custom"
+    eval: EvalOptions = field(default_factory=EvalOptions)
+    general_tasks: List[str] = field(default_factory=list)  # e.g. ["sst2", "mmlu"]; empty: no general capability
+    glue_dir: Optional[str] = None
+    general_n: int = 100
+    general_start: int = 10  # AlphaEdit scores records 10.. (the first ten are its few-shot pool)
+    general_generation: bool = True
+    rte_mapping: str = "glue"
+    representation_prompts: int = 0  # 0: no representation-shift analysis
+    representation_layer: Optional[int] = None
+    method_options: Dict[str, MethodOptions] = field(default_factory=dict)
+    plots: bool = True
+    skip_bad_records: bool = False  # leave out (and log) records that fail the schema check
+
+    def validate(self) -> None:
+        if not self.methods:
+            raise ValueError("no methods given; registered: " + ", ".join(available_methods()))
+        unknown = [m for m in self.methods if m not in available_methods()]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; registered: {', '.join(available_methods())}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods listed twice: {self.methods}")
+        if self.edits < 1 or self.batch_size < 1:
+            raise ValueError(f"edits ({self.edits}) and batch_size ({self.batch_size}) must be at least 1")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.general_tasks and not self.glue_dir:
+            raise ValueError("general capability tasks given without glue_dir (the folder of sst2.json, mmlu.json, ...)")
+
+    def identity(self, dataset_sha: str) -> Dict[str, Any]:
+        """Everything that changes the numbers; a saved run with another identity is refused."""
+        return {
+            "format": FORMAT, "dataset_sha256": dataset_sha, "schema": self.schema, "edits": self.edits,
+            "batch_size": self.batch_size, "eval_every": self.eval_every, "seed": self.seed,
+            "model": self.model_name, "eval": self.eval.as_dict(), "general_tasks": list(self.general_tasks),
+            "general_n": self.general_n, "general_start": self.general_start, "general_generation": self.general_generation,
+            "rte_mapping": self.rte_mapping, "representation_prompts": self.representation_prompts,
+            "representation_layer": self.representation_layer,
+            "skip_bad_records": self.skip_bad_records,
+        }
+
+
+# ---------------------------------------------------------------------------
+# Small file helpers (atomic writes: a crash never leaves a half-written file)
+# ---------------------------------------------------------------------------
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _sha256(path: str) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def _requests(cases: Sequence[EditCase]) -> List[Dict[str, Any]]:
+    return [request for case in cases for request in case.requests]
+
+
+# ---------------------------------------------------------------------------
+# The runner
+# ---------------------------------------------------------------------------
+
+class BenchmarkRunner:
+    def __init__(self, config: BenchConfig, model, tok):
+        config.validate()
+        self.config, self.model, self.tok = config, model, tok
+        self.out = Path(config.output).expanduser()
+        self.scorer = ModelScorer(model, tok)
+        self.dataset = load_dataset(config.dataset, schema=config.schema, family=config.family,
+                                    skip_bad_records=config.skip_bad_records)
+        self.cases = self.dataset.take(config.edits)
+        self.family = family_module(self.dataset.family)
+        self.batches = math.ceil(len(self.cases) / config.batch_size)
+
+    # -- set-up ---------------------------------------------------------------
+    def _check_output(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        identity = self.config.identity(_sha256(self.dataset.path))
+        identity["schema"] = self.dataset.schema
+        run_file = self.out / "run.json"
+        if run_file.exists():
+            saved = read_json(run_file).get("identity")
+            if saved != identity:
+                differing = sorted(k for k in set(saved or {}) | set(identity) if (saved or {}).get(k) != identity.get(k))
+                raise BenchmarkError(f"{self.out} holds a run with other settings ({', '.join(differing)}); "
+                                     "use another --output folder, or delete that one to start over")
+        write_json(run_file, {"identity": identity, "dataset": self.dataset.path, "methods": self.config.methods})
+
+    def _evaluate(self, cases, reference) -> Dict[str, Any]:
+        torch.manual_seed(self.config.seed)
+        return self.family.evaluate(self.scorer, cases, reference, self.config.eval)
+
+    def _general(self) -> Optional[Dict[str, Any]]:
+        if not self.config.general_tasks:
+            return None
+        from ..evaluation.glue import evaluate_general
+
+        torch.manual_seed(self.config.seed)
+        return evaluate_general(self.scorer, self.config.glue_dir, self.config.general_tasks, n=self.config.general_n,
+                                start=self.config.general_start, generation=self.config.general_generation, rte_mapping=self.config.rte_mapping)
+
+    def _representation_prompts(self) -> List[str]:
+        """Prompts of the cases after the edited ones (facts the edits should leave alone); else the edited ones."""
+        n = self.config.representation_prompts
+        others = self.dataset.cases[self.config.edits:self.config.edits + n]
+        pool = others if len(others) >= min(n, 3) else self.dataset.cases[:n]
+        return [c.requests[0]["prompt"].format(c.requests[0]["subject"]) for c in pool]
+
+    def _hidden(self, prompts):
+        from ..evaluation.representation import hidden_states
+
+        return hidden_states(self.model, self.tok, prompts, self.config.representation_layer)
+
+    def _reference(self) -> Dict[str, Any]:
+        path = self.out / "reference.json"
+        if path.exists():
+            logger.info("using the unedited model's scores saved in %s", path)
+            return read_json(path)
+        logger.info("scoring the unedited model on %d cases", len(self.cases))
+        torch.manual_seed(self.config.seed)
+        reference = self.family.reference(self.scorer, self.cases, self.config.eval)
+        data = {"reference": reference, "pre": self._evaluate(self.cases, reference), "general_pre": self._general()}
+        if self.config.representation_prompts:
+            prompts = self._representation_prompts()
+            data["representation"] = {"prompts": prompts, "before": self._hidden(prompts).tolist()}
+        write_json(path, data)
+        return data
+
+    # -- one method -------------------------------------------------------------
+    def _run_method(self, name: str, reference: Dict[str, Any]) -> Dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        folder = self.out / "methods" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        progress_file, checkpoint_file = folder / "progress.json", folder / "checkpoint.pt"
+        if progress_file.exists():
+            saved = read_json(progress_file)
+            if saved.get("status") == "complete":
+                logger.info("%s: complete in %s; not run again", name, folder)
+                return saved["result"]
+        options = cfg.method_options.get(name) or MethodOptions(seed=cfg.seed)
+        method = create_method(name, self.model, self.tok, options)
+        params = dict(self.model.named_parameters())
+        names = method.edited_parameters()
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise BenchmarkError(f"{name}: edited_parameters() names parameters the model lacks: {missing}")
+        originals = {n: params[n].detach().clone() for n in names}
+
+        progress = {"status": "running", "batches_done": 0, "curve": [], "edit_seconds": 0.0, "state_dir": None}
+        if checkpoint_file.exists():
+            checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
+            progress = json.loads(checkpoint["progress"])
+            with torch.no_grad():
+                for n, tensor in checkpoint["weights"].items():
+                    params[n].copy_(tensor.to(params[n].device, params[n].dtype))
+            if progress["state_dir"]:
+                method.load_state(folder / progress["state_dir"])
+            logger.info("%s: resuming after batch %d of %d (%d edits done)", name, progress["batches_done"],
+                        self.batches, min(progress["batches_done"] * cfg.batch_size, len(self.cases)))
+        else:
+            started = time.perf_counter()
+            method.prepare()
+            progress["prepare_seconds"] = time.perf_counter() - started
+
+        def save(batches_done: int) -> None:
+            state_dir = f"state_b{batches_done}"
+            staging = folder / (state_dir + ".tmp")
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            method.save_state(staging)
+            shutil.rmtree(folder / state_dir, ignore_errors=True)
+            os.replace(staging, folder / state_dir)
+            progress.update(batches_done=batches_done, state_dir=state_dir, status="running")
+            tmp = checkpoint_file.with_name("checkpoint.pt.tmp")
+            torch.save({"weights": {n: params[n].detach().cpu() for n in names}, "progress": json.dumps(progress)}, tmp)
+            os.replace(tmp, checkpoint_file)
+            write_json(progress_file, progress)
+            for old in folder.glob("state_b*"):
+                if old.name != state_dir:
+                    shutil.rmtree(old, ignore_errors=True)
+
+        try:
+            done_edits = min(progress["batches_done"] * cfg.batch_size, len(self.cases))
+            bar = tqdm(total=len(self.cases), initial=done_edits, unit="edit", desc=name, dynamic_ncols=True)
+            with bar:
+                for t in range(progress["batches_done"], self.batches):
+                    batch = self.cases[t * cfg.batch_size:(t + 1) * cfg.batch_size]
+                    torch.manual_seed(cfg.seed + t)
+                    began = time.perf_counter()
+                    try:
+                        method.edit(_requests(batch))
+                    except Exception as error:
+                        progress.update(status="failed", failed_batch=t + 1,
+                                        error=f"{type(error).__name__}: {error}")
+                        write_json(progress_file, progress)
+                        raise BenchmarkError(
+                            f"{name}: batch {t + 1} of {self.batches} (records {batch[0].index}..{batch[-1].index} of "
+                            f"{self.dataset.path}) failed: {type(error).__name__}: {error}. The {t} finished batch(es) "
+                            f"are saved in {folder}; run the same command again to resume") from error
+                    progress["edit_seconds"] += time.perf_counter() - began
+                    bar.update(len(batch))
+                    edited = min((t + 1) * cfg.batch_size, len(self.cases))
+                    bar.set_postfix(batch=f"{t + 1}/{self.batches}",
+                                    s_per_edit=f"{progress['edit_seconds'] / max(1, edited - done_edits):.2f}")
+                    if cfg.eval_every and (t + 1) % cfg.eval_every == 0 and t + 1 < self.batches:
+                        point = {"edits": edited,
+                                 "metrics": self._evaluate(self.cases[:edited], reference["reference"][:edited]),
+                                 "general": self._general()}
+                        progress["curve"].append(point)
+                        logger.info("%s after %d edits: %s", name, edited, _headline(point["metrics"], self.family))
+                    save(t + 1)
+
+            final = self._evaluate(self.cases, reference["reference"])
+            result: Dict[str, Any] = {
+                "method": name, "edits": len(self.cases), "batches": self.batches, "batch_size": cfg.batch_size,
+                "final": final, "general": self._general(),
+                "seconds_per_edit": progress["edit_seconds"] / len(self.cases) if progress["edit_seconds"] else 0.0,
+                "prepare_seconds": progress.get("prepare_seconds"), "settings": method.describe(),
+            }
+            result["curve"] = progress["curve"] + [{"edits": len(self.cases), "metrics": final,
+                                                    "general": result["general"]}]
+            if cfg.representation_prompts and reference.get("representation"):
+                import numpy as np
+
+                from ..evaluation.representation import shift_figures
+
+                before = np.array(reference["representation"]["before"])
+                after = self._hidden(reference["representation"]["prompts"])
+                np.save(folder / "representation_after.npy", after)
+                result["representation"] = shift_figures(before, after)
+            progress.update(status="complete", result=result)
+            write_json(progress_file, progress)
+            return result
+        finally:
+            with torch.no_grad():  # the next method starts from the original weights
+                for n, tensor in originals.items():
+                    params[n].copy_(tensor)
+
+    # -- everything ---------------------------------------------------------------
+    def run(self) -> Dict[str, Any]:
+        self._check_output()
+        reference = self._reference()
+        results: Dict[str, Any] = {
+            "model": self.config.model_name,
+            "dataset": {"path": self.dataset.path, "schema": self.dataset.schema, "family": self.dataset.family,
+                        "skipped_records": self.dataset.skipped},
+            "protocol": {"edits": len(self.cases), "batch_size": self.config.batch_size, "batches": self.batches,
+                         "eval_every": self.config.eval_every, "seed": self.config.seed},
+            "eval_options": self.config.eval.as_dict(),
+            "headline": list(self.family.HEADLINE),
+            "pre": reference["pre"], "general_pre": reference.get("general_pre"),
+            "methods": {},
+        }
+        for name in self.config.methods:
+            results["methods"][name] = self._run_method(name, reference)
+        from .report import write_reports
+
+        write_reports(results, self.out, reference=reference, plots=self.config.plots)
+        return results
+
+
+def _headline(metrics: Dict[str, Any], family) -> str:
+    return ", ".join(f"{k} {metrics[k]:.1f}" for k in family.HEADLINE if isinstance(metrics.get(k), (int, float)))
+
+
+def run_benchmark(config: BenchConfig, model=None, tok=None, device: str = "cpu") -> Dict[str, Any]:
+    """Run (or resume) the benchmark; with no ``model``/``tok``, ``config.model_name`` is loaded
+    (``smollm2`` or a local checkpoint folder)."""
+    if model is None or tok is None:
+        from ..models import load_model
+
+        config.validate()  # bad settings or data fail before the (slow) model load
+        load_dataset(config.dataset, schema=config.schema, family=config.family,
+                     skip_bad_records=config.skip_bad_records).take(config.edits)
+
+        model, tok = load_model(config.model_name, device=device)
+    return BenchmarkRunner(config, model, tok).run()

@@ -1,0 +1,110 @@
+"""What the metrics ask of a model, behind one small interface (so that tests can hand in a fake).
+
+A *scorer* has three methods:
+
+- ``nll(pairs)``: mean per-token negative log-likelihood of each answer
+  (leading space added) after its prompt (:func:`alphaedit_plugin.metrics.answer_nll`);
+- ``token_predictions(pairs)``: teacher-forced top-1 tokens at each answer
+  position, with the answer's own tokens: ``[(predicted_ids, answer_ids)]``;
+- ``generate(prompts, max_new_tokens, sample=False, top_k=5, seed=0)``: the
+  continuation text of each prompt (greedy, or top-k sampling seeded per prompt).
+
+:class:`ModelScorer` implements them on a Hugging Face causal LM.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+from ..metrics import PAIRS_PER_FORWARD, answer_nll
+from ..tracing import encode, pad_right, pad_token_id
+
+Pair = Tuple[str, str]
+
+
+def token_accuracy(predicted: Sequence[int], target: Sequence[int]) -> float:
+    """Share of answer positions whose top-1 prediction is the answer's token (EasyEdit's ``token_em``)."""
+    if not target:
+        return 0.0
+    return sum(int(p == t) for p, t in zip(predicted, target)) / len(target)
+
+
+def token_agreement(before: Sequence[int], after: Sequence[int]) -> float:
+    """Share of positions where two prediction lists agree (EasyEdit's locality)."""
+    if not before:
+        return 1.0
+    return sum(int(a == b) for a, b in zip(before, after)) / len(before)
+
+
+class ModelScorer:
+    def __init__(self, model, tok):
+        self.model, self.tok = model, tok
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def nll(self, pairs: Sequence[Pair]) -> List[float]:
+        return answer_nll(self.model, self.tok, pairs) if pairs else []
+
+    @torch.no_grad()
+    def token_predictions(self, pairs: Sequence[Pair]) -> List[Tuple[List[int], List[int]]]:
+        sequences, spans = [], []
+        for prompt, answer in pairs:
+            prompt_ids = encode(self.tok, prompt)
+            answer_ids = encode(self.tok, answer if answer.startswith(" ") else " " + answer, special_tokens=False)
+            sequences.append(prompt_ids + answer_ids)
+            spans.append((len(prompt_ids), answer_ids))
+        result = []
+        for start in range(0, len(sequences), PAIRS_PER_FORWARD):
+            chunk = sequences[start:start + PAIRS_PER_FORWARD]
+            input_ids, mask = pad_right(chunk, pad_token_id(self.tok), self.device)
+            top = self.model(input_ids=input_ids, attention_mask=mask).logits.argmax(-1).cpu()
+            for row, (offset, answer_ids) in enumerate(spans[start:start + PAIRS_PER_FORWARD]):
+                predicted = top[row, offset - 1:offset - 1 + len(answer_ids)].tolist()
+                result.append((predicted, list(answer_ids)))
+        return result
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, sample: bool = False, top_k: int = 5,
+                 seed: int = 0) -> List[str]:
+        texts = []
+        pad = pad_token_id(self.tok)
+        for i, prompt in enumerate(prompts):
+            ids = torch.tensor([encode(self.tok, prompt)], device=self.device)
+            options = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, attention_mask=torch.ones_like(ids))
+            if sample:
+                torch.manual_seed(seed + i)
+                options.update(do_sample=True, top_k=top_k, top_p=1.0, temperature=1.0)
+            else:
+                options.update(do_sample=False, top_k=None, top_p=None, temperature=None)
+            out = self.model.generate(ids, **options)
+            texts.append(self.tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True))
+        return texts
+
+
+class EvalOptions:
+    """Settings shared by the metric families (all have defaults; the CLI exposes them)."""
+
+    def __init__(self, fluency: bool = False, fluency_prompts: int = 1, generation_tokens: int = 100,
+                 answer_tokens: int = 16, cot: bool = True, cot_tokens: int = 96, seed: int = 0,
+                 snippets=None):
+        self.fluency = fluency  # generate text for Fluency/Consistency (slow on a CPU)
+        self.fluency_prompts = fluency_prompts  # generation prompts per case (ROME uses all, up to 10)
+        self.generation_tokens = generation_tokens  # new tokens per generation for Fluency (ROME: 100 in all)
+        self.answer_tokens = answer_tokens  # new tokens of a short generated answer (MQuAKE)
+        self.cot = cot  # MQuAKE chain-of-thought variant
+        self.cot_tokens = cot_tokens
+        self.seed = seed
+        self.snippets = snippets  # reference texts for Consistency: {(relation_id, target_id): [text]}
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "snippets"} | {"snippets": self.snippets is not None}
+
+
+def percent(values: Sequence[float]):
+    """100 × the mean, or None for no values."""
+    values = list(values)
+    return 100 * sum(values) / len(values) if values else None

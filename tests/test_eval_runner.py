@@ -1,0 +1,137 @@
+"""The benchmark runner end to end on a tiny model: results, table, plots, resume after a failure, the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from alphaedit_plugin.bench import (AlphaEditMethod, BenchConfig, BenchmarkError, MethodOptions, register_method,
+                                    run_benchmark)
+from alphaedit_plugin.bench.cli import main
+from alphaedit_plugin.bench.methods import unregister_method
+from alphaedit_plugin.evaluation import EvalOptions
+
+from conftest import build_gpt2, exact_hparams, make_tokenizer, weights_snapshot, assert_weights_unchanged
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def config(tmp_path, out, methods=("AlphaEdit", "unedited"), **kw):
+    hparams = exact_hparams(tmp_path, "gpt2", v_num_grad_steps=8)
+    options = {m: MethodOptions(hparams=hparams) for m in methods}
+    options.update(kw.pop("method_options", {}))
+    fields = dict(methods=list(methods), dataset=str(FIXTURES / "counterfact_flat.json"), edits=4, batch_size=2,
+                  output=str(out), eval_every=1, model_name="tiny-gpt2", method_options=options,
+                  general_tasks=["sst2"], glue_dir=str(FIXTURES / "glue"), general_n=2, general_start=0,
+                  representation_prompts=1)
+    fields.update(kw)
+    return BenchConfig(**fields)
+
+
+def test_end_to_end(tmp_path):
+    model, tok = build_gpt2(), make_tokenizer()
+    before = weights_snapshot(model)
+    results = run_benchmark(config(tmp_path, tmp_path / "run"), model, tok)
+    out = tmp_path / "run"
+    assert_weights_unchanged(model, before)  # every method starts from, and leaves, the original weights
+    assert set(results["methods"]) == {"AlphaEdit", "unedited"}
+    alpha, unedited = results["methods"]["AlphaEdit"], results["methods"]["unedited"]
+    assert [p["edits"] for p in alpha["curve"]] == [2, 4]  # after batch 1 and after the last
+    assert unedited["final"]["efficacy"] == results["pre"]["efficacy"]
+    assert alpha["final"]["efficacy"] >= results["pre"]["efficacy"]
+    assert alpha["general"]["sst2"]["n"] == 2 and "relative_shift" in alpha["representation"]
+    assert unedited["representation"]["relative_shift"] == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["methods"]["AlphaEdit"]["final"] == alpha["final"]
+    table = (out / "results.md").read_text()
+    assert "| AlphaEdit | 4 |" in table and "| unedited | 4 |" in table and "(before editing)" in table
+    assert "Efficacy" in table and "sst2 F1" in table
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    for name in ("plot_efficacy.png", "plot_specificity.png", "general_sst2.png", "representation.png"):
+        assert (out / name).stat().st_size > 0, name
+
+
+class Flaky(AlphaEditMethod):
+    fail_at = None  # batch number (1-based) whose edit raises
+    calls = 0
+
+    def edit(self, requests):
+        Flaky.calls += 1
+        if Flaky.calls == Flaky.fail_at:
+            raise RuntimeError("simulated crash")
+        super().edit(requests)
+
+
+@pytest.fixture
+def flaky():
+    register_method("Flaky", Flaky, replace=True)
+    yield Flaky
+    unregister_method("Flaky")
+
+
+def test_resume_after_a_failed_batch_gives_the_uninterrupted_result(tmp_path, flaky):
+    model, tok = build_gpt2(), make_tokenizer()
+    before = weights_snapshot(model)
+    cfg = dict(methods=("Flaky",), edits=5, batch_size=2, general_tasks=[], representation_prompts=0)
+    flaky.calls, flaky.fail_at = 0, 2
+    with pytest.raises(BenchmarkError, match=r"Flaky: batch 2 of 3 \(records 2\.\.3 of .*counterfact_flat\.json\) "
+                                             r"failed: RuntimeError: simulated crash.*run the same command again"):
+        run_benchmark(config(tmp_path, tmp_path / "run", **cfg), model, tok)
+    assert_weights_unchanged(model, before)
+    progress = json.loads((tmp_path / "run" / "methods" / "Flaky" / "progress.json").read_text())
+    assert progress["status"] == "failed" and progress["batches_done"] == 1 and progress["failed_batch"] == 2
+    assert (tmp_path / "run" / "methods" / "Flaky" / "checkpoint.pt").exists()
+
+    flaky.calls, flaky.fail_at = 0, None
+    resumed = run_benchmark(config(tmp_path, tmp_path / "run", **cfg), model, tok)
+    assert flaky.calls == 2  # batches 2 and 3 only: batch 1 was not redone
+    flaky.calls = 0
+    fresh = run_benchmark(config(tmp_path, tmp_path / "fresh", **cfg), model, tok)
+    assert flaky.calls == 3
+    assert resumed["methods"]["Flaky"]["final"] == fresh["methods"]["Flaky"]["final"]
+    assert [p["metrics"] for p in resumed["methods"]["Flaky"]["curve"]] == \
+        [p["metrics"] for p in fresh["methods"]["Flaky"]["curve"]]
+    assert_weights_unchanged(model, before)
+
+    flaky.calls = 0  # a complete run is not redone
+    again = run_benchmark(config(tmp_path, tmp_path / "run", **cfg), model, tok)
+    assert flaky.calls == 0 and again["methods"]["Flaky"]["final"] == resumed["methods"]["Flaky"]["final"]
+
+
+def test_other_settings_in_the_same_folder_are_refused(tmp_path):
+    model, tok = build_gpt2(), make_tokenizer()
+    cfg = dict(methods=("unedited",), general_tasks=[], representation_prompts=0, eval_every=0)
+    run_benchmark(config(tmp_path, tmp_path / "run", **cfg), model, tok)
+    with pytest.raises(BenchmarkError, match="holds a run with other settings.*batch_size"):
+        run_benchmark(config(tmp_path, tmp_path / "run", batch_size=1, **cfg), model, tok)
+
+
+def test_registry_refuses_a_taken_name():
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("AlphaEdit", AlphaEditMethod)
+    with pytest.raises(ValueError, match="unknown method"):
+        BenchConfig(methods=["NoSuch"], dataset="x", edits=1, batch_size=1, output="o").validate()
+
+
+def test_cli_on_a_saved_tiny_model(tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    build_gpt2().save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    out = tmp_path / "cli"
+    code = main(["--methods", "unedited", "--model", str(model_dir), "--data", str(FIXTURES / "zsre_mend.json"),
+                 "--edits", "2", "--batch-size", "1", "--output", str(out), "--no-plots"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| unedited | 2 |" in printed and (out / "results.json").exists()
+    assert json.loads((out / "results.json").read_text())["dataset"]["family"] == "zsre"
+
+
+def test_cli_bad_input_exits_with_a_message(tmp_path, caplog):
+    code = main(["--methods", "unedited", "--model", "smollm2", "--data", str(FIXTURES / "zsre_mend.json"),
+                 "--edits", "3", "--output", str(tmp_path / "o")])
+    assert code == 2  # the data are checked before the model is loaded
+    assert "3 edits requested but the file has only 2 records" in caplog.text
