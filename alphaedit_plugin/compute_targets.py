@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from .architectures import ModuleTemplates, get_module, num_layers
 from .context_templates import flatten
+from .prefix_cache import PrefixSplit, split_at
 from .requests import EditRequest
 from .tracing import capture_outputs, edit_output, encode, pad_right, pad_token_id, stop_after, subject_token_index
 
@@ -71,8 +72,8 @@ class _Batch:
     """Padded inputs for a subset of facts, with the indices the loss needs."""
 
     facts: torch.Tensor  # (k,) indices of the facts in this batch
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    inputs: Dict[str, torch.Tensor]  # the full rows, right-padded (used when there is no prefix split)
+    split: Optional[PrefixSplit]  # the rows from the subject token on, prefixes computed once
     edit_rows: torch.Tensor  # every row gets its fact's delta at its subject token
     edit_positions: torch.Tensor
     edit_owner: torch.Tensor  # the fact (row of delta) each edited row belongs to
@@ -85,8 +86,13 @@ class _Batch:
     kl_rows: torch.Tensor
     kl_positions: torch.Tensor
 
+    def forward_inputs(self) -> Dict[str, Any]:
+        return self.split.forward_inputs() if self.split is not None else self.inputs
 
-def _build_batch(prompts: List[_FactPrompts], facts: List[int], pad: int, device) -> _Batch:
+
+def _build_batch(model, prompts: List[_FactPrompts], facts: List[int], pad: int, device,
+                 use_prefix_cache: bool) -> _Batch:
+    """Rows of the given facts; positions are in the coordinates of the rows the model will see."""
     sequences, lookups, owners = [], [], []
     gather_rows, gather_positions, gather_tokens, row_weight, first_rows = [], [], [], [], []
     for fact in facts:
@@ -107,13 +113,25 @@ def _build_batch(prompts: List[_FactPrompts], facts: List[int], pad: int, device
         sequences.append(prompts[fact].kl)
         lookups.append(prompts[fact].kl_lookup)
         owners.append(fact)
-    input_ids, attention_mask = pad_right(sequences, pad, device)
+    split = None
+    if use_prefix_cache:
+        try:
+            split = split_at(model, sequences, lookups, pad, device)
+        except (ValueError, TypeError) as error:
+            logger.debug("target search without a prefix cache: %s", error)
+    if split is not None:  # every row now starts at its subject token
+        gather_positions = [p - lookups[r] for r, p in zip(gather_rows, gather_positions)]
+        lookups = [0] * len(lookups)
+        inputs = {}
+    else:
+        input_ids, attention_mask = pad_right(sequences, pad, device)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def tensor(values):
         return torch.tensor(values, device=device)
 
     return _Batch(
-        facts=tensor(facts), input_ids=input_ids, attention_mask=attention_mask,
+        facts=tensor(facts), inputs=inputs, split=split,
         edit_rows=torch.arange(len(sequences), device=device), edit_positions=tensor(lookups), edit_owner=tensor(owners),
         first_rows=tensor(first_rows), gather_rows=tensor(gather_rows), gather_positions=tensor(gather_positions),
         gather_tokens=tensor(gather_tokens), row_weight=torch.tensor(row_weight, device=device),
@@ -130,11 +148,14 @@ def compute_target_values(
     templates: ModuleTemplates,
     layer: int,
     context_templates: List[List[str]],
+    use_prefix_cache: bool = True,
 ) -> TargetSearchResult:
     """Search the target hidden states at block ``layer`` for all ``requests`` at once.
 
     Facts whose loss falls below the stopping value are frozen and leave the
-    batch, so later steps only pay for the facts still being optimised.
+    batch, so later steps only pay for the facts still being optimised. With
+    ``use_prefix_cache`` the tokens before each subject are run once per
+    batch (see prefix_cache.py); the result is the same up to float rounding.
     """
     contexts = flatten(context_templates)
     rows_per_fact = len(contexts)
@@ -159,7 +180,6 @@ def compute_target_values(
     initial_kl: torch.Tensor = None  # type: ignore[assignment]  # (n_facts, vocab), from the first step
     losses = torch.zeros(n_facts)
     probabilities = torch.zeros(n_facts)
-    batch = _build_batch(prompts, list(range(n_facts)), pad, device)
     first_step = True
 
     def add_delta(hidden: torch.Tensor) -> torch.Tensor:
@@ -177,53 +197,56 @@ def compute_target_values(
         p.requires_grad_(False)
     step = 0
     try:
-        with edit_output(model, edit_name, add_delta), capture_outputs(model, [readout_name]) as outputs, \
-                stop_after(model, readout_name) as run:
-            for step in range(hparams.v_num_grad_steps):
-                optimizer.zero_grad()
-                run(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-                readout = outputs[readout_name]
-                active = batch.facts
-                k = len(active)
+        batch = _build_batch(model, prompts, list(range(n_facts)), pad, device, use_prefix_cache)
+        for step in range(hparams.v_num_grad_steps):
+            optimizer.zero_grad()
+            # Hooks only around the step's own pass: the prefix pass of a rebuilt batch runs without them.
+            with edit_output(model, edit_name, add_delta), capture_outputs(model, [readout_name]) as outputs, \
+                    stop_after(model, readout_name) as run:
+                run(**batch.forward_inputs())
+            readout = outputs[readout_name]
+            active = batch.facts
+            k = len(active)
 
-                target_hidden = final_norm(readout[batch.gather_rows, batch.gather_positions])
-                token_log_probs = torch.log_softmax(lm_head(target_hidden).float(), dim=-1).gather(
-                    1, batch.gather_tokens[:, None]).squeeze(1)
-                row_log_prob = torch.zeros(batch.n_rewrite, device=device).index_add(0, batch.gather_rows, token_log_probs)
-                mean_log_prob = (row_log_prob * batch.row_weight).view(k, rows_per_fact).mean(dim=1)
+            target_hidden = final_norm(readout[batch.gather_rows, batch.gather_positions])
+            token_log_probs = torch.log_softmax(lm_head(target_hidden).float(), dim=-1).gather(
+                1, batch.gather_tokens[:, None]).squeeze(1)
+            row_log_prob = torch.zeros(batch.n_rewrite, device=device).index_add(0, batch.gather_rows, token_log_probs)
+            mean_log_prob = (row_log_prob * batch.row_weight).view(k, rows_per_fact).mean(dim=1)
 
-                kl_hidden = final_norm(readout[batch.kl_rows, batch.kl_positions])
-                kl_log_probs = torch.log_softmax(lm_head(kl_hidden).float(), dim=-1)
-                if initial_kl is None:
-                    initial_kl = kl_log_probs.detach().clone()
-                # KL(current || initial), as MEMIT's kl_div(initial, current, log_target=True).
-                kl = (kl_log_probs.exp() * (kl_log_probs - initial_kl[active])).sum(dim=1)
+            kl_hidden = final_norm(readout[batch.kl_rows, batch.kl_positions])
+            kl_log_probs = torch.log_softmax(lm_head(kl_hidden).float(), dim=-1)
+            if initial_kl is None:
+                initial_kl = kl_log_probs.detach().clone()
+            # KL(current || initial), as MEMIT's kl_div(initial, current, log_target=True).
+            kl = (kl_log_probs.exp() * (kl_log_probs - initial_kl[active])).sum(dim=1)
 
-                decay = delta[active].norm(dim=1) / initial[active].norm(dim=1) ** 2
-                loss = -mean_log_prob + hparams.kl_factor * kl + hparams.v_weight_decay * decay
-                if not torch.isfinite(loss).all():
-                    raise FloatingPointError(f"target search produced a non-finite loss at step {step}")
-                losses[active.cpu()] = loss.detach().cpu()
-                probabilities[active.cpu()] = mean_log_prob.detach().exp().cpu()
-                logger.debug("target search step %d: losses %s", step, [round(v, 3) for v in losses.tolist()])
-                first_step = False
+            decay = delta[active].norm(dim=1) / initial[active].norm(dim=1) ** 2
+            loss = -mean_log_prob + hparams.kl_factor * kl + hparams.v_weight_decay * decay
+            if not torch.isfinite(loss).all():
+                raise FloatingPointError(f"target search produced a non-finite loss at step {step}")
+            losses[active.cpu()] = loss.detach().cpu()
+            probabilities[active.cpu()] = mean_log_prob.detach().exp().cpu()
+            logger.debug("target search step %d: losses %s", step, [round(v, 3) for v in losses.tolist()])
+            first_step = False
 
-                done = active[loss.detach() < STOP_LOSS]
-                if len(done):
-                    frozen_delta[done] = delta.detach()[done]
-                    frozen[done] = True
-                if bool(frozen.all()) or step == hparams.v_num_grad_steps - 1:
-                    break
-                loss[~frozen[active]].sum().backward()
-                optimizer.step()
-                with torch.no_grad():
-                    delta[frozen] = frozen_delta[frozen]
-                    max_norm = hparams.clamp_norm_factor * initial.norm(dim=1)
-                    norms = delta.norm(dim=1)
-                    scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
-                    delta.mul_(scale[:, None])
-                if len(done):  # the converged facts leave the batch
-                    batch = _build_batch(prompts, torch.nonzero(~frozen).flatten().tolist(), pad, device)
+            done = active[loss.detach() < STOP_LOSS]
+            if len(done):
+                frozen_delta[done] = delta.detach()[done]
+                frozen[done] = True
+            if bool(frozen.all()) or step == hparams.v_num_grad_steps - 1:
+                break
+            loss[~frozen[active]].sum().backward()
+            optimizer.step()
+            with torch.no_grad():
+                delta[frozen] = frozen_delta[frozen]
+                max_norm = hparams.clamp_norm_factor * initial.norm(dim=1)
+                norms = delta.norm(dim=1)
+                scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
+                delta.mul_(scale[:, None])
+            if len(done):  # the converged facts leave the batch
+                batch = _build_batch(model, prompts, torch.nonzero(~frozen).flatten().tolist(), pad, device,
+                                     use_prefix_cache)
     finally:
         for p, flag in zip(model.parameters(), grad_flags):
             p.requires_grad_(flag)
@@ -240,9 +263,11 @@ def compute_target_values(
     )
 
 
-def compute_target_values_one_by_one(model, tok, requests, hparams, templates, layer, context_templates) -> TargetSearchResult:
+def compute_target_values_one_by_one(model, tok, requests, hparams, templates, layer, context_templates,
+                                     use_prefix_cache: bool = True) -> TargetSearchResult:
     """The same search run fact by fact (the reference the batched search is measured against)."""
-    results = [compute_target_values(model, tok, [request], hparams, templates, layer, context_templates)
+    results = [compute_target_values(model, tok, [request], hparams, templates, layer, context_templates,
+                                     use_prefix_cache=use_prefix_cache)
                for request in requests]
     return TargetSearchResult(
         values=torch.cat([r.values for r in results]),

@@ -1,0 +1,105 @@
+"""Computing what comes before the subject once, for the target search.
+
+The target search adds δ at the subject's token and reads the loss from the
+tokens after it; every token before the subject token is unaffected by δ, so
+its keys and values are the same at every step. They are computed once per
+batch (one forward pass, no gradient) and each step runs only the suffix that
+starts at the subject token: for CounterFact prompts behind a ten-token
+context prefix that is about a fifth of the tokens.
+
+Rows are split at their own subject token, so prefixes are left-padded and
+suffixes right-padded to a common width, with explicit position ids and one
+attention mask over both. Works with transformers' ``Cache`` objects and
+with models that still use tuples of (key, value) per layer.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PrefixSplit:
+    """Model inputs for the suffixes, with the prefixes' keys and values computed once."""
+
+    suffix_ids: torch.Tensor  # (rows, S), right-padded
+    attention_mask: torch.Tensor  # (rows, P + S): left-padded prefix mask, then the suffix mask
+    position_ids: torch.Tensor  # (rows, S)
+    key_values: List[Tuple[torch.Tensor, torch.Tensor]]  # per layer, (rows, heads, P, head_dim)
+    as_cache_object: bool  # the model returned a Cache object (else legacy tuples)
+
+    cache_argument: str = "past_key_values"  # newer transformers call it "cache"
+
+    def forward_inputs(self) -> Dict[str, Any]:
+        return {"input_ids": self.suffix_ids, "attention_mask": self.attention_mask,
+                "position_ids": self.position_ids, self.cache_argument: self.fresh_cache(), "use_cache": True}
+
+    def fresh_cache(self):
+        """A new cache holding only the prefixes (the forward pass appends the suffix to it)."""
+        if not self.as_cache_object:
+            return tuple((k, v) for k, v in self.key_values)
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for layer, (keys, values) in enumerate(self.key_values):
+            cache.update(keys, values, layer)
+        return cache
+
+
+def _key_value_pairs(cache) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor]], bool]:
+    if isinstance(cache, (tuple, list)):
+        return [(k, v) for k, v in cache], False
+    if hasattr(cache, "layers"):  # transformers 5.x
+        return [(layer.keys, layer.values) for layer in cache.layers], True
+    if hasattr(cache, "key_cache"):  # transformers 4.4x
+        return list(zip(cache.key_cache, cache.value_cache)), True
+    raise TypeError(f"unknown cache type {type(cache).__name__}")
+
+
+@torch.no_grad()
+def split_at(model, sequences: Sequence[Sequence[int]], split_points: Sequence[int], pad: int, device) -> PrefixSplit:
+    """Run every row's tokens before ``split_points[row]`` once and prepare the suffix inputs.
+
+    Raises ``ValueError`` if the model's cache cannot be used this way; callers fall back to the full pass.
+    """
+    prefixes = [list(seq[:cut]) for seq, cut in zip(sequences, split_points)]
+    suffixes = [list(seq[cut:]) for seq, cut in zip(sequences, split_points)]
+    width_p = max(len(p) for p in prefixes)
+    width_s = max(len(s) for s in suffixes)
+    if width_p == 0:
+        raise ValueError("no row has a prefix to cache")
+    rows = len(sequences)
+    prefix_ids = torch.full((rows, width_p), pad, dtype=torch.long)
+    prefix_mask = torch.zeros((rows, width_p), dtype=torch.long)
+    suffix_ids = torch.full((rows, width_s), pad, dtype=torch.long)
+    suffix_mask = torch.zeros((rows, width_s), dtype=torch.long)
+    for row, (prefix, suffix) in enumerate(zip(prefixes, suffixes)):
+        if prefix:
+            prefix_ids[row, width_p - len(prefix):] = torch.tensor(prefix)
+            prefix_mask[row, width_p - len(prefix):] = 1
+        suffix_ids[row, : len(suffix)] = torch.tensor(suffix)
+        suffix_mask[row, : len(suffix)] = 1
+    prefix_positions = (prefix_mask.cumsum(dim=1) - 1).clamp_min(0)
+    lengths = prefix_mask.sum(dim=1, keepdim=True)
+    suffix_positions = lengths + torch.arange(width_s)[None, :]
+    output = model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
+                   position_ids=prefix_positions.to(device), use_cache=True)
+    returned = output.get("cache") if "cache" in output else output.get("past_key_values")
+    key_values, as_object = _key_value_pairs(returned)
+    if not key_values or not all(torch.isfinite(k).all() and torch.isfinite(v).all() for k, v in key_values):
+        raise ValueError("the prefix pass produced no or non-finite keys/values")
+    return PrefixSplit(
+        suffix_ids=suffix_ids.to(device),
+        attention_mask=torch.cat([prefix_mask, suffix_mask], dim=1).to(device),
+        position_ids=suffix_positions.to(device),
+        key_values=[(k.detach(), v.detach()) for k, v in key_values],
+        as_cache_object=as_object,
+        cache_argument="cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values",
+    )
