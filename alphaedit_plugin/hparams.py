@@ -13,7 +13,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Union
+from typing import Any, ClassVar, List, Optional, Union
 
 import yaml
 
@@ -33,7 +33,10 @@ class AlphaEditHyperParams:
 
     Method fields follow the paper (Fang et al., ICLR 2025) and the MEMIT
     lineage it builds on; run-time fields say where things happen.
+    Subclasses for other methods set ``ALG_NAME`` (and the ``alg_name`` default).
     """
+
+    ALG_NAME: ClassVar[str] = ALG_NAME
 
     # ---- the method -----------------------------------------------------
     layers: List[int] = _help("Indices of the transformer blocks whose MLP output projection is edited.")
@@ -95,8 +98,9 @@ class AlphaEditHyperParams:
     # ------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field that is not allowed."""
-        if self.alg_name != ALG_NAME:
-            raise ValueError(f"alg_name must be {ALG_NAME!r} for AlphaEditHyperParams, got {self.alg_name!r}")
+        expected = type(self).ALG_NAME
+        if self.alg_name != expected:
+            raise ValueError(f"alg_name must be {expected!r} for {type(self).__name__}, got {self.alg_name!r}")
         if not isinstance(self.layers, (list, tuple)) or not self.layers:
             raise ValueError(f"layers must be a non-empty list of block indices, got {self.layers!r}")
         if not all(isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0 for layer in self.layers):
@@ -133,8 +137,8 @@ class AlphaEditHyperParams:
 
     # ------------------------------------------------------------------
     @classmethod
-    def from_hparams(cls, path: Union[str, os.PathLike]) -> "AlphaEditHyperParams":
-        """Read an EasyEdit-style yaml file (``alg_name: AlphaEdit``).
+    def from_hparams(cls, path: Union[str, os.PathLike]):
+        """Read an EasyEdit-style yaml file (``alg_name: AlphaEdit`` for this class).
 
         As EasyEdit does, a path without ``.yaml`` gets the suffix added.
         """
@@ -150,11 +154,11 @@ class AlphaEditHyperParams:
         return cls.from_dict(config, source=str(path))
 
     @classmethod
-    def from_dict(cls, config: dict, source: str = "hparams") -> "AlphaEditHyperParams":
+    def from_dict(cls, config: dict, source: str = "hparams"):
         config = dict(config)
         alg_name = config.get("alg_name")
-        if alg_name != ALG_NAME:
-            raise ValueError(f"{source}: alg_name must be {ALG_NAME!r} for AlphaEditHyperParams, got {alg_name!r}")
+        if alg_name != cls.ALG_NAME:
+            raise ValueError(f"{source}: alg_name must be {cls.ALG_NAME!r} for {cls.__name__}, got {alg_name!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(config) - known)
         if unknown:

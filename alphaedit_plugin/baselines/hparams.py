@@ -10,7 +10,6 @@ null-space projector P into its solve (the paper's Section 4.5 "one line").
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,7 @@ from typing import ClassVar, Tuple, Union
 
 import yaml
 
-from ..hparams import ALG_NAME as ALPHAEDIT_NAME
-from ..hparams import AlphaEditHyperParams, _coerce_number, _help, _require
+from ..hparams import AlphaEditHyperParams, _help, _require
 
 RECT_ORDERS = ("sparsify_then_project", "project_then_sparsify")
 
@@ -38,45 +36,10 @@ class BaselineHyperParams(AlphaEditHyperParams):
     L2: float = _help("Ridge term of the projected solve (used only with projection: true).", default=10.0)
 
     def validate(self) -> None:
-        expected = type(self).ALG_NAME
-        if self.alg_name != expected:
-            raise ValueError(f"alg_name must be {expected!r} for {type(self).__name__}, got {self.alg_name!r}")
-        # The shared fields are checked by AlphaEditHyperParams.validate, which insists on its own alg_name.
-        self.alg_name = ALPHAEDIT_NAME
-        try:
-            super().validate()
-        finally:
-            self.alg_name = expected
+        super().validate()  # alg_name against this class's ALG_NAME, then the shared fields
         if not isinstance(self.projection, bool):
             raise ValueError(f"projection must be true or false, got {self.projection!r}")
         _require(self, "mom2_update_weight", float, lambda v: v > 0, "a number > 0")
-
-    @classmethod
-    def from_hparams(cls, path: Union[str, os.PathLike]) -> "BaselineHyperParams":
-        path = Path(path)
-        if path.suffix not in (".yaml", ".yml"):
-            path = path.with_name(path.name + ".yaml")
-        if not path.is_file():
-            raise FileNotFoundError(f"hparams file not found: {path}")
-        with open(path, "r", encoding="utf-8") as stream:
-            config = yaml.safe_load(stream)
-        if not isinstance(config, dict):
-            raise ValueError(f"{path}: expected a mapping of hparams fields, got {type(config).__name__}")
-        return cls.from_dict(config, source=str(path))
-
-    @classmethod
-    def from_dict(cls, config: dict, source: str = "hparams") -> "BaselineHyperParams":
-        config = dict(config)
-        if config.get("alg_name") != cls.ALG_NAME:
-            raise ValueError(f"{source}: alg_name must be {cls.ALG_NAME!r} for {cls.__name__}, "
-                             f"got {config.get('alg_name')!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown field(s) {unknown}; allowed fields are {sorted(known)}")
-        if "layers" not in config:
-            raise ValueError(f"{source}: missing required field 'layers' (the blocks to edit, e.g. [4, 5, 6, 7, 8])")
-        return cls(**{key: _coerce_number(value) for key, value in config.items()})
 
     def method_fields(self) -> dict:
         fields = super().method_fields()
