@@ -5,6 +5,7 @@ from .alphaedit_main import (
     EditError,
     apply_alphaedit_to_model,
     create_state,
+    edit_in_place,
     execute_alphaedit,
 )
 from .hparams import AlphaEditHyperParams
@@ -22,6 +23,7 @@ __all__ = [
     "StateMismatchError",
     "apply_alphaedit_to_model",
     "create_state",
+    "edit_in_place",
     "execute_alphaedit",
     "normalise_requests",
 ]

@@ -130,46 +130,24 @@ def execute_alphaedit(model, tok, requests: Sequence[EditRequest], hparams: Alph
     return AlphaEditUpdate(deltas=deltas, keys=layer_keys, targets=targets)
 
 
-def apply_alphaedit_to_model(
-    model,
-    tok,
-    requests: Sequence[Mapping],
-    hparams: AlphaEditHyperParams,
-    copy: bool = False,
-    return_orig_weights: bool = False,
-    keep_original_weight: bool = False,
-    state: Optional[AlphaEditState] = None,
-    **kwargs: Any,
-) -> Tuple[Any, Dict[str, torch.Tensor]]:
-    """Edit ``model`` so that each request's prompt continues with its new target.
+def edited_weights_copy(model, templates: ModuleTemplates, layers: Sequence[int]) -> Dict[str, torch.Tensor]:
+    """Copies of the weights an edit changes, by parameter name (EasyEdit's ``weights_copy``)."""
+    return {f"{templates.rewrite_module_tmp.format(layer)}.weight":
+            get_module(model, templates.rewrite_module_tmp.format(layer)).weight.detach().clone() for layer in layers}
 
-    The EasyEdit contract: returns ``(model, weights_copy)``, where
-    ``weights_copy`` maps parameter names to their original values when
-    ``return_orig_weights`` is set. ``state`` carries projectors and earlier
-    edits' keys across sequential calls; without one a fresh state is made
-    (from the on-disk cache) and the edit is treated as the first.
-    ``keep_original_weight`` and other EasyEdit keywords are accepted; the
-    host restores weights itself when it asks for that.
+
+def edit_in_place(model, tok, requests: Sequence[EditRequest], hparams: AlphaEditHyperParams,
+                  state: AlphaEditState) -> AlphaEditUpdate:
+    """Compute and write one batch of edits, then record it in ``state``; returns the update.
 
     Atomic: if anything fails, every weight is exactly as before and the
-    state is unchanged.
+    state is unchanged. ``requests`` are normalised, the state made for this
+    model (see :func:`apply_alphaedit_to_model`, which checks both).
     """
     started = time.perf_counter()
-    normalised = normalise_requests(requests)
-    templates = validate_setup(model, hparams)
-    if copy:
-        model = copy_module.deepcopy(model)
-    if state is None:
-        state = create_state(model, tok, hparams)
-    else:
-        state.check_compatible(state_identity(model, hparams, templates))
+    templates = templates_for(model, hparams)
     modules = {layer: get_module(model, templates.rewrite_module_tmp.format(layer)) for layer in hparams.layers}
-    weights_copy = {}
-    if return_orig_weights:
-        weights_copy = {f"{templates.rewrite_module_tmp.format(layer)}.weight": module.weight.detach().clone()
-                        for layer, module in modules.items()}
-
-    update = execute_alphaedit(model, tok, normalised, hparams, state)
+    update = execute_alphaedit(model, tok, requests, hparams, state)
     originals = {layer: module.weight.detach().clone() for layer, module in modules.items()}
     before = {layer: originals[layer].T if is_transposed(module) else originals[layer]  # (out, in)
               for layer, module in modules.items()}
@@ -194,13 +172,50 @@ def apply_alphaedit_to_model(
             preservation[layer] = preservation_ratio(update.deltas[layer], before[layer], heldout.to(before[layer].device))
     seconds = time.perf_counter() - started
     state.edit_log.append(EditRecord(
-        requests=[r.as_dict() for r in normalised],
+        requests=[r.as_dict() for r in requests],
         update_norms={layer: float(d.norm()) for layer, d in update.deltas.items()},
         preservation=preservation,
         target_probability=update.targets.target_probability,
         seconds=seconds,
     ))
     logger.info("AlphaEdit: %d request(s) in %.1f s; update norms %s; preservation ‖ΔK0‖/‖WK0‖ %s",
-                len(normalised), seconds, {l: round(v, 3) for l, v in state.edit_log[-1].update_norms.items()},
+                len(requests), seconds, {l: round(v, 3) for l, v in state.edit_log[-1].update_norms.items()},
                 {l: f"{v:.2e}" for l, v in preservation.items()})
+    return update
+
+
+def apply_alphaedit_to_model(
+    model,
+    tok,
+    requests: Sequence[Mapping],
+    hparams: AlphaEditHyperParams,
+    copy: bool = False,
+    return_orig_weights: bool = False,
+    keep_original_weight: bool = False,
+    state: Optional[AlphaEditState] = None,
+    **kwargs: Any,
+) -> Tuple[Any, Dict[str, torch.Tensor]]:
+    """Edit ``model`` so that each request's prompt continues with its new target.
+
+    The EasyEdit contract: returns ``(model, weights_copy)``, where
+    ``weights_copy`` maps parameter names to their original values when
+    ``return_orig_weights`` is set. ``state`` carries projectors and earlier
+    edits' keys across sequential calls; without one a fresh state is made
+    (from the on-disk cache) and the edit is treated as the first.
+    ``keep_original_weight`` and other EasyEdit keywords are accepted; the
+    host restores weights itself when it asks for that.
+
+    Atomic: if anything fails, every weight is exactly as before and the
+    state is unchanged.
+    """
+    normalised = normalise_requests(requests)
+    templates = validate_setup(model, hparams)
+    if copy:
+        model = copy_module.deepcopy(model)
+    if state is None:
+        state = create_state(model, tok, hparams)
+    else:
+        state.check_compatible(state_identity(model, hparams, templates))
+    weights_copy = edited_weights_copy(model, templates, hparams.layers) if return_orig_weights else {}
+    edit_in_place(model, tok, normalised, hparams, state)
     return model, weights_copy

@@ -34,9 +34,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ..alphaedit_main import apply_alphaedit_to_model, create_state, state_identity, validate_setup
+from ..alphaedit_main import create_state, edit_in_place, edited_weights_copy, state_identity, validate_setup
 from ..architectures import get_module
-from ..compute_keys import compute_keys_and_values
 from ..hparams import AlphaEditHyperParams
 from ..requests import normalise_requests
 from ..state import AlphaEditState
@@ -183,16 +182,9 @@ def apply_alphaedit_easyedit(
         model = copy_module.deepcopy(model)  # the copy carries a copy of the state, the original keeps its own
     tracked = _tracked_state(model, tok, hparams, templates)
     before = _fingerprints(model, hparams, templates)
-    model, weights_copy = apply_alphaedit_to_model(model, tok, normalised, hparams, copy=False,
-                                                   return_orig_weights=True, state=tracked.state)
-    # The keys each layer's update was solved for, read again on the edited model: the input of
-    # layer l's output projection depends only on blocks below l, which already held their updates
-    # when the edit computed these keys, so this reproduces them.
-    value_layer = hparams.layers[-1]
-    keys = {}
-    for layer in hparams.layers:
-        keys[layer], _ = compute_keys_and_values(model, tok, normalised, templates, layer, value_layer,
-                                                 tracked.state.context_templates, hparams.fact_token)
+    weights_copy = edited_weights_copy(model, templates, hparams.layers)
+    update = edit_in_place(model, tok, normalised, hparams, tracked.state)
+    keys = update.keys  # what each layer's update was solved for, to take the edit out again
     tracked.last_edit = _LastEdit(before=before, after=_fingerprints(model, hparams, templates), keys=keys)
     give_back = keep_original_weight if restores_only_kept_weights else return_orig_weights
     return model, (weights_copy if give_back else {})
