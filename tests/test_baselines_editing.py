@@ -323,3 +323,34 @@ def test_fallback_refuses_projectors_of_another_model(tmp_path, tokenizer):
     with pytest.raises(ProjectorMismatchError, match="another model"):
         apply_with_delta_projection(lambda *a, **k: (gpt2, {}), gpt2, tokenizer, FACTS, None, projectors, [1, 2],
                                     templates.rewrite_module_tmp)
+
+
+def test_memit_plus_p_is_alphaedit_and_keeping_lambda_c0_changes_it(tmp_path, arch, tokenizer):
+    """The paper's one-line change turns MEMIT into AlphaEdit: same keys, targets and solve, sequentially too.
+
+    ``projection_keeps_mom2_term: true`` (P and λ·C0 together) gives a different, smaller update.
+    """
+    facts = [FACTS[:2], FACTS[2:]]
+    alpha_model = BUILDERS[arch]()
+    memit_hparams = baseline_hparams(tmp_path, arch, "MEMIT", True, mom2_update_weight=50.0)
+    alpha_hparams = AlphaEditHyperParams(**{n: getattr(memit_hparams, n) for n in SHARED})
+    alpha_state = create_state(alpha_model, tokenizer, alpha_hparams)
+    before = layer_weights(alpha_model, alpha_hparams)
+    for batch in facts:
+        apply_alphaedit_to_model(alpha_model, tokenizer, batch, alpha_hparams, state=alpha_state)
+    alpha_delta = {l: w - before[l] for l, w in layer_weights(alpha_model, alpha_hparams).items()}
+
+    deltas = {}
+    for keep in (False, True):
+        model = BUILDERS[arch]()
+        hparams = baseline_hparams(tmp_path, arch, "MEMIT", True, mom2_update_weight=50.0,
+                                   projection_keeps_mom2_term=keep)
+        assert hparams.label == ("MEMIT+P+λC0" if keep else "MEMIT+P")
+        state = make_state(model, tokenizer, hparams, tmp_path)
+        for batch in facts:
+            apply_baseline_to_model(model, tokenizer, batch, hparams, state=state)
+        deltas[keep] = {l: w - before[l] for l, w in layer_weights(model, hparams).items()}
+    for layer, expected in alpha_delta.items():
+        assert expected.norm() > 0
+        torch.testing.assert_close(deltas[False][layer], expected, rtol=1e-4, atol=1e-6)
+        assert (deltas[True][layer] - expected).norm() > 1e-3 * expected.norm()

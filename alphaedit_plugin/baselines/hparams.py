@@ -34,23 +34,35 @@ class BaselineHyperParams(AlphaEditHyperParams):
     mom2_update_weight: float = _help(
         "λ of MEMIT's preservation term λ·C0 in the normal equations (C0: count-normalised K0K0ᵀ).", default=15000.0)
     L2: float = _help("Ridge term of the projected solve (used only with projection: true).", default=10.0)
+    projection_keeps_mom2_term: bool = _help(
+        "With projection: also keep λ·C0 in the projected solve. false (default) is the paper's one-line change: "
+        "P takes over the preservation that λ·C0 did, so the solve is AlphaEdit's, Δ = R K1ᵀ P ((Kp Kpᵀ + K1 K1ᵀ) P "
+        "+ L2·I)⁻¹. true constrains twice (P and λ·C0), which measurably weakens the edits (docs/baselines.md).",
+        default=False)
 
     def validate(self) -> None:
         super().validate()  # alg_name against this class's ALG_NAME, then the shared fields
         if not isinstance(self.projection, bool):
             raise ValueError(f"projection must be true or false, got {self.projection!r}")
+        if not isinstance(self.projection_keeps_mom2_term, bool):
+            raise ValueError(f"projection_keeps_mom2_term must be true or false, got "
+                             f"{self.projection_keeps_mom2_term!r}")
         _require(self, "mom2_update_weight", float, lambda v: v > 0, "a number > 0")
 
     def method_fields(self) -> dict:
         fields = super().method_fields()
         fields["mom2_update_weight"] = self.mom2_update_weight
         fields["alg_name"] = self.alg_name
+        fields["projection"] = self.projection
+        fields["projection_keeps_mom2_term"] = self.projection_keeps_mom2_term
         return fields
 
     @property
     def label(self) -> str:
-        """``MEMIT`` or ``MEMIT+P``: how tables and logs name the variant."""
-        return self.alg_name + ("+P" if self.projection else "")
+        """``MEMIT``, ``MEMIT+P`` or ``MEMIT+P+λC0``: how tables and logs name the variant."""
+        if not self.projection:
+            return self.alg_name
+        return self.alg_name + ("+P+λC0" if self.projection_keeps_mom2_term else "+P")
 
 
 @dataclass

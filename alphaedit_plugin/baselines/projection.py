@@ -7,12 +7,16 @@ Two ways, for two kinds of editor:
    executor solves ``Δ = R K1ᵀ (B + K1 K1ᵀ)⁻¹`` with its own preservation
    term B (MEMIT: λ C0), the mixin solves instead
 
-       Δ = R K1ᵀ P ((B + Kp Kpᵀ + K1 K1ᵀ) P + L2·I)⁻¹
+       Δ = R K1ᵀ P ((Kp Kpᵀ + K1 K1ᵀ) P + L2·I)⁻¹
 
    with the projector P of the layer and the running Kp Kpᵀ of earlier
    edits, then adds this call's K1 K1ᵀ to Kp Kpᵀ. This is the one-line change
-   of the paper. Because ``(P A + λI)⁻¹ P = P (A P + λI)⁻¹``, the rows of Δ lie
-   in the range of P whatever B is, so ΔW·K0 ≈ 0. Everything else of the
+   of the paper: P takes over what B did (keeping W K0 in place), so B leaves
+   the objective as in AlphaEdit's Eqs. 10–11, and for MEMIT the result is
+   AlphaEdit's update (tested). ``projection_keeps_mom2_term: true`` keeps B
+   too, ``((B + Kp Kpᵀ + K1 K1ᵀ) P + L2·I)⁻¹``, which constrains twice.
+   Because ``(P A + λI)⁻¹ P = P (A P + λI)⁻¹``, the rows of Δ lie in the
+   range of P either way, so ΔW·K0 ≈ 0. Everything else of the
    executor (keys, targets, the layer loop, PRUNE's restraint, RECT's
    sparsification) is its own. ``with_projection(MEMITExecutor)`` gives the
    projected class; ``projection: true`` in the hparams selects it.
@@ -92,8 +96,9 @@ class NullSpaceProjection:
     def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
         core = self.state.core
         projector = _projector_for(core, layer, keys.shape[0])
+        keep = getattr(self.hparams, "projection_keeps_mom2_term", False)
         return projected_update(keys, residuals, projector=projector, previous_keys_cov=core.previous_keys_cov[layer],
-                                preservation=self.preservation_term(layer), l2=self.hparams.L2)
+                                preservation=self.preservation_term(layer) if keep else None, l2=self.hparams.L2)
 
     def finalize(self, layer: int, delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         delta = super().finalize(layer, delta, weight)
