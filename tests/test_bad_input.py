@@ -286,3 +286,15 @@ def test_from_hparams_missing_file(tmp_path):
 def test_every_shipped_alphaedit_yaml_loads(path):
     hparams = AlphaEditHyperParams.from_hparams(path)
     assert hparams.alg_name == "AlphaEdit" and hparams.layers and hparams.nullspace_threshold > 0
+
+
+def test_smollm2_gguf_override_must_name_a_file(tmp_path, monkeypatch):
+    from alphaedit_plugin import models
+
+    monkeypatch.setenv(models.SMOLLM2_GGUF_ENV, str(tmp_path / "missing.gguf"))
+    with pytest.raises(models.ModelNotAvailableError, match="ALPHAEDIT_SMOLLM2_GGUF=.*missing.gguf is not a file"):
+        models.smollm2_gguf_path()
+    present = tmp_path / "model.gguf"
+    present.write_bytes(b"GGUF")
+    monkeypatch.setenv(models.SMOLLM2_GGUF_ENV, str(present))
+    assert models.smollm2_gguf_path() == present
