@@ -37,14 +37,14 @@ from alphaedit_plugin.solve import preservation_ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-METHODS = ("MEMIT", "MEMIT+P", "PRUNE", "PRUNE+P", "RECT", "RECT+P", "AlphaEdit")
+METHODS = ("MEMIT", "MEMIT+P", "MEMIT+P+λC0", "PRUNE", "PRUNE+P", "RECT", "RECT+P", "AlphaEdit")
 logger = logging.getLogger("baselines-benchmark")
 
 
 def hparams_path(method: str, model_key: str) -> Path:
     if method == "AlphaEdit":
         return ROOT / "hparams" / "AlphaEdit" / f"{model_key}.yaml"
-    name, projected = method.split("+")[0], method.endswith("+P")
+    name, projected = method.split("+")[0], "+P" in method
     return ROOT / "hparams" / name / f"{model_key}{'-projected' if projected else ''}.yaml"
 
 
@@ -75,6 +75,9 @@ def load_method_hparams(method: str, args):
     hparams = AlphaEditHyperParams.from_hparams(path) if method == "AlphaEdit" else load_hparams(path)
     hparams.mom2_dataset, hparams.mom2_n_samples, hparams.mom2_max_tokens = args.corpus, args.samples, args.max_tokens
     hparams.stats_dir = args.stats_dir
+    hparams.device = args.device
+    if method.endswith("+λC0"):  # P and MEMIT's λ·C0 together (the variant that constrains twice)
+        hparams.projection_keeps_mom2_term = True
     if args.tiny:  # small enough for the 4-block random model
         hparams.layers, hparams.v_loss_layer, hparams.v_num_grad_steps = [1, 2], 3, 5
         hparams.context_template_count, hparams.context_template_length = 2, 3
@@ -122,10 +125,16 @@ def run_method(method, model, tok, original_state, requests, records, args) -> d
             "null_space_rank": {l: s.rank for l, s in core.null_spaces.items()}}
 
 
+def device_description(device: str) -> str:
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 def markdown(result: dict) -> str:
     lines = [f"# Sequential editing: MEMIT, PRUNE, RECT with and without P, and AlphaEdit",
              "", f"{result['edits']} CounterFact edits in batches of {result['batch_size']}, model "
-             f"{result['model']}, statistics corpus `{result['corpus']}`.", "",
+             f"{result['model']}, statistics corpus `{result['corpus']}`, device {result.get('device', 'cpu')}.", "",
              f"Reproduce: `{result['command']}`", "",
              "| method | Efficacy | Generalization | Specificity | ‖ΔW·K0‖/‖W·K0‖ mean | max | s/edit |",
              "|---|---|---|---|---|---|---|"]
@@ -144,6 +153,33 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge_results(paths, output: Path) -> int:
+    """One table from several runs with the same edits, batches and corpus (e.g. one process per method)."""
+    merged = None
+    for path in paths:
+        part = json.loads(path.read_text())
+        if merged is None:
+            merged = {**part, "methods": {}, "command": [], "merged_from": []}
+        settings = ("edits", "batch_size", "corpus", "samples", "model")
+        if any(part.get(k) != merged.get(k) for k in settings):
+            logger.error("%s was run with other settings (%s) than %s; not merged", path,
+                         {k: part.get(k) for k in settings}, paths[0])
+            return 2
+        clash = sorted(set(part["methods"]) & set(merged["methods"]))
+        if clash:
+            logger.error("%s repeats method(s) %s already merged from another file", path, clash)
+            return 2
+        merged["methods"].update(part["methods"])
+        merged["command"].append(part["command"])
+        merged["merged_from"].append(str(path))
+    merged["command"] = " ; ".join(merged["command"])
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.with_suffix(".json").write_text(json.dumps(merged, indent=2, default=str))
+    output.with_suffix(".md").write_text(markdown(merged))
+    print(markdown(merged))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(SHARED / "counterfact" / "counterfact-edit.json"))
@@ -160,6 +196,10 @@ def main() -> int:
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "baselines_smollm2"),
                         help="path without suffix: .json and .md are written")
     parser.add_argument("--resume", action="store_true", help="keep methods already in OUTPUT.json")
+    parser.add_argument("--device", default="cpu", help="torch device for the model and the edits (cpu, cuda, ...)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                        help="only combine results of runs made with the same settings (e.g. one process per "
+                             "method) into OUTPUT.json/.md, then stop")
     parser.add_argument("--tiny", action="store_true", help="smoke test on a tiny random model")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -167,6 +207,10 @@ def main() -> int:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {METHODS}")
+
+    output = Path(args.output)
+    if args.merge:
+        return merge_results([Path(f) for f in args.merge], output)
 
     data_path = Path(args.data)
     if not data_path.is_file():
@@ -185,18 +229,19 @@ def main() -> int:
     torch.manual_seed(0)
     if args.tiny:
         model, tok = tiny_model_and_tokenizer(records)
+        model.to(args.device)
     else:
         from alphaedit_plugin.models import load_smollm2
-        model, tok = load_smollm2()
+        model, tok = load_smollm2(device=args.device)
     original_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path = output.with_suffix(".json"), output.with_suffix(".md")
     result = {"command": " ".join(shlex.quote(a) for a in sys.argv), "machine": platform.platform(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "edits": args.edits,
               "batch_size": args.batch_size, "corpus": args.corpus, "samples": args.samples,
-              "model": getattr(model.config, "_name_or_path", "model"), "methods": {}}
+              "model": getattr(model.config, "_name_or_path", "model"), "device": device_description(args.device),
+              "methods": {}}
     if args.resume and json_path.is_file():
         previous = json.loads(json_path.read_text())
         if (previous.get("edits"), previous.get("batch_size"), previous.get("corpus")) == \
