@@ -37,7 +37,8 @@ def test_end_to_end(tmp_path):
     assert_weights_unchanged(model, before)  # every method starts from, and leaves, the original weights
     assert set(results["methods"]) == {"AlphaEdit", "unedited"}
     alpha, unedited = results["methods"]["AlphaEdit"], results["methods"]["unedited"]
-    assert [p["edits"] for p in alpha["curve"]] == [2, 4]  # after batch 1 and after the last
+    assert [p["edits"] for p in alpha["curve"]] == [0, 2, 4]  # unedited, after batch 1 and after the last
+    assert alpha["curve"][0] == {"edits": 0, "metrics": results["pre"], "general": results["general_pre"]}
     assert unedited["final"]["efficacy"] == results["pre"]["efficacy"]
     assert alpha["final"]["efficacy"] >= results["pre"]["efficacy"]
     assert alpha["general"]["sst2"]["n"] == 2 and "relative_shift" in alpha["representation"]

@@ -9,6 +9,11 @@ state made for another model, layer set, corpus or threshold. Added here:
   read from the same cached statistics file the projector was built from;
 - ``original_weights`` and ``raw_totals`` (PRUNE): the weights when the state
   was made and the unrestrained sum of every update since.
+
+``save(path)`` writes these to ``path`` and the core, with AlphaEditState's
+own ``save``, to ``<stem>.core<suffix>`` beside it; ``load(path, device=...)``
+reads both back and, given ``expected_identity``, refuses a state made for
+another model, method, layer set, corpus or threshold.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from __future__ import annotations
 import copy as copy_module
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
 
 import torch
 
@@ -29,6 +35,8 @@ from ..state import AlphaEditState
 from .hparams import BaselineHyperParams
 
 logger = logging.getLogger(__name__)
+
+BASELINE_STATE_FORMAT = 1
 
 
 @dataclass
@@ -61,6 +69,55 @@ class BaselineState:
         self.core.reset()
         for total in self.raw_totals.values():
             total.zero_()
+
+    # ------------------------------------------------------------------
+    @staticmethod
+    def core_path(path: Union[str, Path]) -> Path:
+        """Where ``save(path)`` writes the core (``state.pt`` -> ``state.core.pt``)."""
+        path = Path(path)
+        return path.with_name(f"{path.stem}.core{path.suffix or '.pt'}")
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write the state: the core (projectors, Kp Kpᵀ, prefixes, log) beside ``path``, the rest in it."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        core_path = self.core_path(path)
+        self.core.save(core_path)
+
+        def cpu(tensors: Dict[int, torch.Tensor]) -> Dict[str, torch.Tensor]:
+            return {str(layer): tensor.detach().cpu() for layer, tensor in tensors.items()}
+
+        torch.save({"format": BASELINE_STATE_FORMAT, "kind": "BaselineState", "core_file": core_path.name,
+                    "identity": self.core.identity, "second_moments": cpu(self.second_moments),
+                    "original_weights": cpu(self.original_weights), "raw_totals": cpu(self.raw_totals)}, path)
+
+    @classmethod
+    def load(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu",
+             expected_identity: Optional[Dict[str, Any]] = None) -> "BaselineState":
+        """Read what :meth:`save` wrote, onto ``device``; with ``expected_identity`` (``baseline_identity``
+        of the model and hparams it is for) a state made for another setting raises StateMismatchError."""
+        path = Path(path)
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(f"cannot read baseline editing state {path}: {type(error).__name__}: {error}") from error
+        if not isinstance(data, dict) or data.get("kind") != "BaselineState" \
+                or data.get("format") != BASELINE_STATE_FORMAT:
+            raise ValueError(f"{path} is not a baseline (MEMIT/PRUNE/RECT) state file of format "
+                             f"{BASELINE_STATE_FORMAT}")
+        core = AlphaEditState.load(path.parent / data["core_file"], device=device)
+        if core.identity != data["identity"]:
+            raise ValueError(f"{path} and its core file {data['core_file']} belong to different states "
+                             f"(identities {data['identity']!r} and {core.identity!r})")
+
+        def tensors(name: str) -> Dict[int, torch.Tensor]:
+            return {int(layer): tensor.to(device) for layer, tensor in data[name].items()}
+
+        state = cls(core=core, second_moments=tensors("second_moments"),
+                    original_weights=tensors("original_weights"), raw_totals=tensors("raw_totals"))
+        if expected_identity is not None:
+            state.check_compatible(expected_identity)
+        return state
 
 
 def baseline_identity(model, hparams: BaselineHyperParams, templates: ModuleTemplates) -> Dict[str, Any]:

@@ -7,6 +7,13 @@ Example (SmolLM2, 100 CounterFact edits in batches of 10, curves every 2 batches
         --hparams hparams/AlphaEdit/smollm2-135m.yaml --corpus ../shared/data/wikitext/wiki.test.raw \\
         --eval-every 2 --output runs/cf100
 
+Baselines (MEMIT, PRUNE, RECT, each with ``+P``, AlphaEdit's null-space projection) take one yaml each::
+
+    alphaedit-bench --methods AlphaEdit MEMIT MEMIT+P --model smollm2 --data ... --edits 500 --batch-size 50 \
+        --eval-every 2 --output runs/x \
+        --method-hparams MEMIT=hparams/MEMIT/smollm2-135m.yaml MEMIT+P=hparams/MEMIT/smollm2-135m-projected.yaml
+
+For ``--model smollm2`` the yaml files under ``hparams/`` are the defaults, so the flags can be left out.
 Re-running the same command resumes from the last finished batch.
 """
 
@@ -15,13 +22,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from ..evaluation.datasets import FAMILIES, PARSERS, DatasetError
 from ..evaluation.glue import TASKS
 from ..evaluation.scoring import EvalOptions
-from .methods import MethodOptions, available_methods
+from .methods import MethodOptions, available_methods, default_hparams_path, method_uses_hparams
 from .runner import BenchConfig, BenchmarkError, run_benchmark
 
 logger = logging.getLogger("alphaedit_plugin.bench")
@@ -43,9 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-bad-records", action="store_true",
                    help="leave out (and log) records that fail the schema check instead of stopping")
-    g = p.add_argument_group("AlphaEdit")
-    g.add_argument("--hparams", default=None, help="AlphaEdit yaml (default for smollm2: hparams/AlphaEdit/smollm2-135m.yaml)")
-    g.add_argument("--corpus", default=None, help="mom2_dataset override: a text file/folder or 'self'")
+    g = p.add_argument_group("hyperparameters (AlphaEdit and the baselines)")
+    g.add_argument("--hparams", default=None, metavar="PATH",
+                   help="yaml of the one listed method that takes hyperparameters and has no --method-hparams")
+    g.add_argument("--method-hparams", nargs="+", action="extend", default=[], metavar="LABEL=PATH",
+                   help="yaml of one method, e.g. MEMIT+P=hparams/MEMIT/smollm2-135m-projected.yaml (repeatable). "
+                        "Default for --model smollm2: hparams/AlphaEdit/smollm2-135m.yaml, "
+                        "hparams/<ALG>/smollm2-135m[-projected].yaml")
+    g.add_argument("--corpus", default=None, help="mom2_dataset override (every method): a text file/folder or 'self'")
     g.add_argument("--samples", type=int, default=None, help="mom2_n_samples override")
     g.add_argument("--max-tokens", type=int, default=None, help="mom2_max_tokens override")
     g.add_argument("--stats-dir", default=None, help="statistics/projector cache folder override")
@@ -68,12 +79,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def hparams_by_method(args) -> Dict[str, str]:
+    """The yaml of each listed method: its --method-hparams, else --hparams (if it is the only method left
+    without one), else the shipped default for the model (smollm2). A method missing here gets an error
+    naming the flag when it is created."""
+    registered = set(available_methods())
+    methods = [m for m in args.methods if m in registered]  # unknown names are reported by BenchConfig.validate
+    chosen: Dict[str, str] = {}
+    for item in args.method_hparams:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise ValueError(f"--method-hparams expects LABEL=PATH (e.g. MEMIT+P=hparams/MEMIT/smollm2-135m-projected."
+                             f"yaml), got {item!r}")
+        if label not in args.methods:
+            raise ValueError(f"--method-hparams {item}: {label} is not one of --methods ({' '.join(args.methods)})")
+        if label in chosen:
+            raise ValueError(f"--method-hparams gives {label} twice ({chosen[label]} and {path})")
+        if label in registered and not method_uses_hparams(label):
+            raise ValueError(f"--method-hparams {item}: {label} takes no hyperparameters")
+        chosen[label] = path
+    if args.hparams is not None:
+        open_methods = [m for m in methods if method_uses_hparams(m) and m not in chosen]
+        if len(open_methods) != 1:
+            which = f"{len(open_methods)} ({', '.join(open_methods)})" if open_methods else "none"
+            raise ValueError(f"--hparams {args.hparams} is for exactly one method without --method-hparams, but "
+                             f"{which} of --methods take hyperparameters; give each its own "
+                             "--method-hparams LABEL=PATH")
+        chosen[open_methods[0]] = args.hparams
+    for method in methods:
+        if method not in chosen and method_uses_hparams(method):
+            default = default_hparams_path(method, args.model)
+            if default is not None:
+                chosen[method] = str(default)
+                logger.info("%s: hyperparameters %s (the default for --model %s)", method, default, args.model)
+    return chosen
+
+
 def config_from_args(args) -> BenchConfig:
-    hparams = args.hparams
-    if hparams is None and "AlphaEdit" in args.methods and args.model.lower().startswith("smollm2"):
-        default = Path(__file__).resolve().parents[2] / "hparams" / "AlphaEdit" / "smollm2-135m.yaml"
-        if default.is_file():
-            hparams = str(default)
+    hparams = hparams_by_method(args)
     overrides = {k: v for k, v in {"mom2_dataset": args.corpus, "mom2_n_samples": args.samples,
                                    "mom2_max_tokens": args.max_tokens, "stats_dir": args.stats_dir,
                                    "device": args.device}.items() if v is not None}
@@ -92,8 +135,8 @@ def config_from_args(args) -> BenchConfig:
         general_tasks=general, glue_dir=args.glue_dir, general_n=args.general_n, rte_mapping=args.rte_mapping,
         representation_prompts=args.representation, plots=not args.no_plots,
         skip_bad_records=args.skip_bad_records,
-        method_options={m: MethodOptions(hparams=hparams if m == "AlphaEdit" else None,
-                                         overrides=overrides if m == "AlphaEdit" else {}, seed=args.seed)
+        method_options={m: MethodOptions(hparams=hparams.get(m), overrides=overrides if m in hparams else {},
+                                         seed=args.seed)
                         for m in args.methods},
     )
 

@@ -3,13 +3,20 @@
 A method is registered with one call::
 
     from alphaedit_plugin.bench import register_method
-    register_method("MEMIT", lambda model, tok, options: MyMemitMethod(model, tok, options))
+    register_method("MyMethod", lambda model, tok, options: MyMethod(model, tok, options))
 
 The factory gets the model, the tokenizer and :class:`MethodOptions` and
 returns an :class:`EditMethod`. The runner restores the parameters named by
 ``edited_parameters()`` between methods, saves them after every finished
 batch together with whatever ``save_state`` writes, and on resume loads both
 back (``load_state``) instead of calling ``prepare``.
+
+Registered here: ``AlphaEdit``, ``unedited`` and the baselines ``MEMIT``,
+``MEMIT+P``, ``PRUNE``, ``PRUNE+P``, ``RECT``, ``RECT+P`` (one
+:class:`BaselineMethod` each, the ``+P`` twins with AlphaEdit's null-space
+projection P). Hyperparameters come from ``MethodOptions.hparams`` (a yaml
+path or an object); :func:`default_hparams_path` names the shipped yaml of a
+known model.
 """
 
 from __future__ import annotations
@@ -18,9 +25,14 @@ import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 logger = logging.getLogger(__name__)
+
+HPARAMS_ROOT = Path(__file__).resolve().parents[2] / "hparams"
+BASELINE_LABELS = ("MEMIT", "MEMIT+P", "PRUNE", "PRUNE+P", "RECT", "RECT+P")
+# --model values with shipped yaml files: hparams/<ALG>/<key>.yaml (baselines: <key>[-projected].yaml)
+MODEL_KEYS = {"smollm2": "smollm2-135m"}
 
 
 @dataclass
@@ -35,6 +47,7 @@ class EditMethod:
     """Base class: a stateful editor bound to one model."""
 
     name = "method"
+    uses_hparams = True  # False: the CLI gives it no --hparams / --method-hparams
 
     def __init__(self, model, tok, options: MethodOptions):
         self.model, self.tok, self.options = model, tok, options
@@ -65,6 +78,7 @@ class UneditedMethod(EditMethod):
     """Makes no edit: the baseline row (the unedited model scored like the others)."""
 
     name = "unedited"
+    uses_hparams = False
 
     def edit(self, requests):
         return None
@@ -78,19 +92,23 @@ class AlphaEditMethod(EditMethod):
 
     def __init__(self, model, tok, options: MethodOptions):
         super().__init__(model, tok, options)
+        self.hparams = self.check_options(options)
+        self.state = None
+
+    @classmethod
+    def check_options(cls, options: MethodOptions):
+        """The hyperparameters ``options`` give (overrides applied); no model needed."""
         from ..hparams import AlphaEditHyperParams
 
         if options.hparams is None:
-            raise ValueError("AlphaEdit needs hyperparameters: pass --hparams PATH (e.g. hparams/AlphaEdit/smollm2-135m.yaml)")
+            raise ValueError("AlphaEdit needs hyperparameters: pass --hparams PATH or --method-hparams AlphaEdit=PATH "
+                             "(e.g. hparams/AlphaEdit/smollm2-135m.yaml)")
         if isinstance(options.hparams, (str, Path)):
-            self.hparams = AlphaEditHyperParams.from_hparams(str(options.hparams))
+            hparams = AlphaEditHyperParams.from_hparams(str(options.hparams))
         else:
-            self.hparams = copy.deepcopy(options.hparams)
-        for name, value in options.overrides.items():
-            if not hasattr(self.hparams, name):
-                raise ValueError(f"AlphaEdit hparams have no field {name!r}")
-            setattr(self.hparams, name, value)
-        self.state = None
+            hparams = copy.deepcopy(options.hparams)
+        apply_overrides(hparams, options.overrides, "AlphaEdit")
+        return hparams
 
     def _templates(self):
         from ..architectures import templates_for
@@ -123,9 +141,159 @@ class AlphaEditMethod(EditMethod):
         self.state = AlphaEditState.load(Path(folder) / self.STATE_FILE, device=device)
 
     def describe(self):
-        fields = self.hparams.method_fields() if hasattr(self.hparams, "method_fields") else {}
-        return {"hparams": {k: (v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v))
-                            for k, v in fields.items()}}
+        return {"hparams": describe_hparams(self.hparams)}
+
+
+# ---------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------
+
+def apply_overrides(hparams: Any, overrides: Dict[str, Any], label: str) -> None:
+    """Replace hparams fields in place (the CLI's --corpus, --stats-dir, ...); an unknown field is refused."""
+    for name, value in overrides.items():
+        if not hasattr(hparams, name):
+            raise ValueError(f"{label} hparams have no field {name!r}")
+        setattr(hparams, name, value)
+
+
+def describe_hparams(hparams: Any) -> Dict[str, Any]:
+    fields = hparams.method_fields() if hasattr(hparams, "method_fields") else {}
+    return {k: (v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v)) for k, v in fields.items()}
+
+
+def parse_baseline_label(label: str) -> Tuple[str, bool]:
+    """``"PRUNE+P"`` -> ``("PRUNE", True)``; ``"MEMIT"`` -> ``("MEMIT", False)``."""
+    if label not in BASELINE_LABELS:
+        raise ValueError(f"unknown baseline {label!r}; expected one of {', '.join(BASELINE_LABELS)}")
+    return label.split("+")[0], label.endswith("+P")
+
+
+def model_key(model: str) -> Optional[str]:
+    """The hparams file key of a --model value (``smollm2`` -> ``smollm2-135m``), or None if none is shipped."""
+    name = str(model).lower()
+    return next((key for prefix, key in MODEL_KEYS.items() if name.startswith(prefix)), None)
+
+
+def default_hparams_path(method: str, model: str) -> Optional[Path]:
+    """The shipped yaml of ``method`` for ``model`` (AlphaEdit: hparams/AlphaEdit/<key>.yaml; a baseline:
+    hparams/<ALG>/<key>[-projected].yaml), or None when there is none."""
+    key = model_key(model)
+    if key is None:
+        return None
+    if method == "AlphaEdit":
+        path = HPARAMS_ROOT / "AlphaEdit" / f"{key}.yaml"
+    elif method in BASELINE_LABELS:
+        alg, projected = parse_baseline_label(method)
+        path = HPARAMS_ROOT / alg / f"{key}{'-projected' if projected else ''}.yaml"
+    else:
+        return None
+    return path if path.is_file() else None
+
+
+def load_baseline_hparams(label: str, source: Any, overrides: Optional[Dict[str, Any]] = None):
+    """The hyperparameters of baseline ``label`` from a yaml path or an object, with ``overrides`` applied.
+
+    Refuses (ValueError) hparams whose ``alg_name`` or ``projection`` do not match the label: ``MEMIT+P``
+    needs ``alg_name: MEMIT`` and ``projection: true``, ``MEMIT`` needs ``projection: false``.
+    """
+    from ..baselines import BaselineHyperParams, load_hparams
+
+    alg, projected = parse_baseline_label(label)
+    flag = f"--method-hparams {label}=PATH (e.g. hparams/{alg}/smollm2-135m{'-projected' if projected else ''}.yaml)"
+    if source is None:
+        raise ValueError(f"{label} needs hyperparameters: pass {flag}, or --hparams PATH when it is the only "
+                         "method with hyperparameters")
+    if isinstance(source, (str, Path)):
+        where = str(source)
+        try:
+            hparams = load_hparams(source)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"{label}: {error}; pass {flag}") from error
+        except ValueError as error:
+            raise ValueError(f"{label}: cannot use {where}: {error}; pass {flag}") from error
+    elif isinstance(source, BaselineHyperParams):
+        where, hparams = f"the given {type(source).__name__}", copy.deepcopy(source)
+    else:
+        raise TypeError(f"{label}: hparams must be a yaml path or MEMIT/PRUNE/RECT hyperparameters from "
+                        f"alphaedit_plugin.baselines, got {type(source).__module__}.{type(source).__name__}")
+    apply_overrides(hparams, overrides or {}, label)
+    if hparams.alg_name != alg:
+        raise ValueError(f"{label} needs hparams with alg_name: {alg}, but {where} has alg_name: "
+                         f"{hparams.alg_name}; pass {flag}")
+    if hparams.projection != projected:
+        raise ValueError(f"{label} needs hparams with projection: {str(projected).lower()}, but {where} has "
+                         f"projection: {str(hparams.projection).lower()} (it is {hparams.label}'s); pass {flag}")
+    hparams.validate()
+    return hparams
+
+
+class BaselineMethod(EditMethod):
+    """MEMIT, PRUNE or RECT, with (``+P``) or without the null-space projection P, by label.
+
+    One :class:`~alphaedit_plugin.baselines.BaselineState` is kept across batches (projectors, Kp Kpᵀ,
+    C0, PRUNE's running totals) and saved with every checkpoint.
+    """
+
+    STATE_FILE = "baseline_state.pt"
+
+    def __init__(self, model, tok, options: MethodOptions, label: str = "MEMIT"):
+        super().__init__(model, tok, options)
+        self.label = label
+        self.name = label
+        self.hparams = load_baseline_hparams(label, options.hparams, options.overrides)
+        self.state = None
+
+    def _device(self):
+        return next(self.model.parameters()).device
+
+    def _identity(self):
+        from ..architectures import templates_for
+        from ..baselines.state import baseline_identity
+
+        return baseline_identity(self.model, self.hparams, templates_for(self.model, self.hparams))
+
+    def prepare(self):
+        from ..baselines import create_baseline_state
+
+        state = create_baseline_state(self.model, self.tok, self.hparams)
+        device = self._device()  # C0 comes from the (cpu) statistics cache; keep the whole state with the model
+        state.second_moments = {layer: moment.to(device) for layer, moment in state.second_moments.items()}
+        self.state = state
+
+    def edited_parameters(self):
+        from ..architectures import templates_for
+
+        template = templates_for(self.model, self.hparams).rewrite_module_tmp
+        return [f"{template.format(layer)}.weight" for layer in self.hparams.layers]
+
+    def edit(self, requests):
+        from ..baselines import apply_baseline_to_model
+
+        if self.state is None:
+            self.prepare()
+        apply_baseline_to_model(self.model, self.tok, requests, self.hparams, state=self.state)
+
+    def save_state(self, folder):
+        self.state.save(Path(folder) / self.STATE_FILE)
+
+    def load_state(self, folder):
+        from ..baselines import BaselineState
+
+        self.state = BaselineState.load(Path(folder) / self.STATE_FILE, device=self._device(),
+                                        expected_identity=self._identity())
+
+    def describe(self):
+        return {"label": self.label, "variant": self.hparams.label, "hparams": describe_hparams(self.hparams)}
+
+
+def _baseline_factory(label: str) -> "MethodFactory":
+    def factory(model, tok, options: MethodOptions) -> BaselineMethod:
+        return BaselineMethod(model, tok, options, label=label)
+
+    factory.uses_hparams = True
+    factory.check_options = lambda options: load_baseline_hparams(label, options.hparams, options.overrides)
+    factory.__qualname__ = f"BaselineMethod[{label}]"
+    return factory
 
 
 MethodFactory = Callable[[Any, Any, MethodOptions], EditMethod]
@@ -151,6 +319,23 @@ def available_methods() -> List[str]:
     return sorted(_REGISTRY)
 
 
+def method_uses_hparams(name: str) -> bool:
+    """Whether method ``name`` takes hyperparameters (its factory's ``uses_hparams``; True unless it says not)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; registered: {', '.join(available_methods())}")
+    return bool(getattr(_REGISTRY[name], "uses_hparams", True))
+
+
+def check_method_options(name: str, options: Optional[MethodOptions] = None) -> None:
+    """Check a method's options (hyperparameters) without a model, where its factory has ``check_options``:
+    bad settings then fail before a slow model load. Raises what the method's constructor would."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; registered: {', '.join(available_methods())}")
+    check = getattr(_REGISTRY[name], "check_options", None)
+    if check is not None:
+        check(options or MethodOptions())
+
+
 def create_method(name: str, model, tok, options: Optional[MethodOptions] = None) -> EditMethod:
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; registered: {', '.join(available_methods())}")
@@ -161,3 +346,5 @@ def create_method(name: str, model, tok, options: Optional[MethodOptions] = None
 
 register_method("AlphaEdit", AlphaEditMethod)
 register_method("unedited", UneditedMethod)
+for _label in BASELINE_LABELS:
+    register_method(_label, _baseline_factory(_label))

@@ -3,9 +3,9 @@
 Plots (matplotlib, optional: without it the run logs a warning and writes no PNG):
 
 - ``plot_<metric>.png``: the metric against the number of edits, one line per method
-  (points after every ``eval_every`` batches and after the last);
-- ``general_<task>.png``: general-capability F1 (likelihood) against edits, starting from the
-  unedited model at 0 edits;
+  (points at 0 edits, the unedited model, shared by all methods; after every ``eval_every``
+  batches; and after the last);
+- ``general_<task>.png``: general-capability F1 (likelihood) against edits, also from 0 edits;
 - ``representation.png``: the 2-D projection of hidden states before and after each method.
 """
 
@@ -98,8 +98,10 @@ def plot_curves(results: Dict[str, Any], out: Path) -> List[Path]:
     for task in sorted(pre):
         fig, ax = plt.subplots(figsize=(5.5, 4))
         for name, r in results["methods"].items():
-            points = [(0, 100 * pre[task]["f1_new"])] + [(p["edits"], 100 * p["general"][task]["f1_new"])
-                                                         for p in r["curve"] if p.get("general")]
+            points = [(p["edits"], 100 * p["general"][task]["f1_new"]) for p in r["curve"]
+                      if task in (p.get("general") or {})]
+            if not points or points[0][0] != 0:  # a curve saved without its 0-edit point
+                points.insert(0, (0, 100 * pre[task]["f1_new"]))
             ax.plot(*zip(*points), marker="o", label=name)
         ax.set_xlabel("number of edits")
         ax.set_ylabel(f"{task} F1 (likelihood)")

@@ -4,22 +4,28 @@ Protocol: the first ``edits`` cases of a dataset are edited in T = ⌈edits/B⌉
 batches of B cases, one batch after another, into the same model (a case is
 one fact, or all rewrites of an MQuAKE case). After the last batch every
 edited case is evaluated; with ``eval_every = k`` the cases edited so far are
-also evaluated after every k-th batch (the curves). Each method starts from
-the same original weights.
+also evaluated after every k-th batch (the curves). Every method's curve
+starts at 0 edits with the unedited model's scores on the cases to be edited
+(``pre``: computed once per run, saved in reference.json and shared by all
+methods). Each method starts from the same original weights.
 
 Output folder::
 
     run.json                      settings of the run (a different run in the same folder is refused)
     reference.json                what was read from the unedited model (pre-edit scores, locality predictions)
     methods/<name>/checkpoint.pt  edited weights + progress after the last finished batch
-    methods/<name>/state_b<t>/    the method's own state after batch t (AlphaEdit: its AlphaEditState)
-    methods/<name>/progress.json  the same progress, readable; "status": running | failed | complete
+    methods/<name>/state_b<t>/    the method's own state after batch t (AlphaEdit: its AlphaEditState;
+                                  MEMIT/PRUNE/RECT[+P]: their BaselineState)
+    methods/<name>/progress.json  the same progress and the method's settings, readable;
+                                  "status": running | failed | complete
     results.json, results.md, *.png
 
 Re-running the same command resumes every method from its last finished
-batch; a complete method is not run again. Seeds: the global torch seed is
-set to ``seed + t`` before batch t and to ``seed`` before each evaluation, so
-a resumed run computes what an uninterrupted one does.
+batch; a complete method is not run again, and a method whose settings
+(``describe()``, e.g. its hparams) changed since it started is refused.
+Seeds: the global torch seed is set to ``seed + t`` before batch t and to
+``seed`` before each evaluation, so a resumed run computes what an
+uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ import torch
 
 from ..evaluation import EvalOptions, ModelScorer, family_module, load_dataset
 from ..evaluation.datasets import EditCase
-from .methods import MethodOptions, available_methods, create_method, register_method  # noqa: F401 (re-export)
+from .methods import (MethodOptions, available_methods, check_method_options, create_method,  # noqa: F401
+                      register_method)
 
 logger = logging.getLogger(__name__)
 FORMAT = 1
@@ -128,6 +135,28 @@ def _requests(cases: Sequence[EditCase]) -> List[Dict[str, Any]]:
     return [request for case in cases for request in case.requests]
 
 
+def _plain(data: Any) -> Any:
+    """``data`` as it reads back from JSON (so saved and fresh settings compare equal)."""
+    return json.loads(json.dumps(data, default=str))
+
+
+def _differing(saved: Any, current: Any, prefix: str = "") -> List[str]:
+    """Dotted names of the entries that differ between two nested dicts."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [name for key in sorted(set(saved) | set(current), key=str)
+                for name in _differing(saved.get(key), current.get(key), f"{prefix}{key}.")]
+    return [] if saved == current else [prefix.rstrip(".") or "(all)"]
+
+
+def start_point(reference: Dict[str, Any]) -> Dict[str, Any]:
+    """The curve point at 0 edits: the unedited model's scores (``reference.json``'s ``pre``), shared by all methods."""
+    return {"edits": 0, "metrics": reference["pre"], "general": reference.get("general_pre")}
+
+
+def _with_start(curve: List[Dict[str, Any]], reference: Dict[str, Any]) -> List[Dict[str, Any]]:
+    return curve if curve and curve[0]["edits"] == 0 else [start_point(reference)] + list(curve)
+
+
 # ---------------------------------------------------------------------------
 # The runner
 # ---------------------------------------------------------------------------
@@ -210,7 +239,9 @@ class BenchmarkRunner:
             saved = read_json(progress_file)
             if saved.get("status") == "complete":
                 logger.info("%s: complete in %s; not run again", name, folder)
-                return saved["result"]
+                result = saved["result"]
+                result["curve"] = _with_start(result["curve"], reference)  # a result saved without the 0-edit point
+                return result
         options = cfg.method_options.get(name) or MethodOptions(seed=cfg.seed)
         method = create_method(name, self.model, self.tok, options)
         params = dict(self.model.named_parameters())
@@ -219,11 +250,19 @@ class BenchmarkRunner:
         if missing:
             raise BenchmarkError(f"{name}: edited_parameters() names parameters the model lacks: {missing}")
         originals = {n: params[n].detach().clone() for n in names}
+        settings = _plain(method.describe())
 
-        progress = {"status": "running", "batches_done": 0, "curve": [], "edit_seconds": 0.0, "state_dir": None}
+        progress = {"status": "running", "batches_done": 0, "curve": [], "edit_seconds": 0.0, "state_dir": None,
+                    "settings": settings}
         if checkpoint_file.exists():
             checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
             progress = json.loads(checkpoint["progress"])
+            if "settings" in progress and progress["settings"] != settings:
+                raise BenchmarkError(
+                    f"{name}: {folder} holds batches edited with other settings "
+                    f"({', '.join(_differing(progress['settings'], settings))}); use the same hyperparameters, "
+                    f"another --output folder, or delete {folder} to start {name} over")
+            progress["settings"] = settings
             with torch.no_grad():
                 for n, tensor in checkpoint["weights"].items():
                     params[n].copy_(tensor.to(params[n].device, params[n].dtype))
@@ -291,8 +330,8 @@ class BenchmarkRunner:
                 "seconds_per_edit": progress["edit_seconds"] / len(self.cases) if progress["edit_seconds"] else 0.0,
                 "prepare_seconds": progress.get("prepare_seconds"), "settings": method.describe(),
             }
-            result["curve"] = progress["curve"] + [{"edits": len(self.cases), "metrics": final,
-                                                    "general": result["general"]}]
+            result["curve"] = [start_point(reference)] + progress["curve"] + [
+                {"edits": len(self.cases), "metrics": final, "general": result["general"]}]
             if cfg.representation_prompts and reference.get("representation"):
                 import numpy as np
 
@@ -343,7 +382,9 @@ def run_benchmark(config: BenchConfig, model=None, tok=None, device: str = "cpu"
     if model is None or tok is None:
         from ..models import load_model
 
-        config.validate()  # bad settings or data fail before the (slow) model load
+        config.validate()  # bad settings, hyperparameters or data fail before the (slow) model load
+        for name in config.methods:
+            check_method_options(name, config.method_options.get(name) or MethodOptions(seed=config.seed))
         load_dataset(config.dataset, schema=config.schema, family=config.family,
                      skip_bad_records=config.skip_bad_records).take(config.edits)
 
