@@ -289,3 +289,22 @@ def test_hidden_states_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
     assert representation.plot_projection(states, {"AlphaEdit": states + 0.1}, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(arch, tokenizer, monkeypatch):
+    """Left-padded batches give the greedy text of unpadded one-by-one generation, on both weight layouts."""
+    from conftest import BUILDERS
+
+    from alphaedit_plugin.evaluation import scoring
+
+    model = BUILDERS[arch]().double().eval()
+    scorer = scoring.ModelScorer(model, tokenizer)
+    prompts = ["Paris is in", "The Eiffel Tower is located in the city of", "Rome", "Danielle Darrieux speaks"]
+    monkeypatch.setattr(scoring, "GENERATION_BATCH", 1)
+    alone = scorer.generate(prompts, max_new_tokens=6)
+    monkeypatch.setattr(scoring, "GENERATION_BATCH", 3)  # a full batch and a remainder, of mixed lengths
+    batched = scorer.generate(prompts, max_new_tokens=6)
+    assert batched == alone
+    assert all(text.strip() for text in alone)
+    sampled = [scorer.generate(prompts, max_new_tokens=6, sample=True, seed=3) for _ in range(2)]
+    assert sampled[0] == sampled[1]  # seeded: repeatable

@@ -7,7 +7,7 @@ A *scorer* has three methods:
 - ``token_predictions(pairs)``: teacher-forced top-1 tokens at each answer
   position, with the answer's own tokens: ``[(predicted_ids, answer_ids)]``;
 - ``generate(prompts, max_new_tokens, sample=False, top_k=5, seed=0)``: the
-  continuation text of each prompt (greedy, or top-k sampling seeded per prompt).
+  continuation text of each prompt (greedy, or top-k sampling seeded per batch of prompts).
 
 :class:`ModelScorer` implements them on a Hugging Face causal LM.
 """
@@ -22,6 +22,7 @@ from ..metrics import PAIRS_PER_FORWARD, answer_nll
 from ..tracing import encode, pad_right, pad_token_id
 
 Pair = Tuple[str, str]
+GENERATION_BATCH = 16  # prompts per generate() call
 
 
 def token_accuracy(predicted: Sequence[int], target: Sequence[int]) -> float:
@@ -70,19 +71,38 @@ class ModelScorer:
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], max_new_tokens: int, sample: bool = False, top_k: int = 5,
                  seed: int = 0) -> List[str]:
-        texts = []
+        """Continuations of ``prompts``, generated ``GENERATION_BATCH`` prompts at a time (left-padded).
+
+        Greedy text is what one prompt at a time gives (up to float rounding of the padded batch).
+        Sampling is seeded per batch with ``seed + index of the batch's first prompt``, so a run is
+        repeatable for the same prompts and batch size.
+        """
+        texts: List[str] = []
         pad = pad_token_id(self.tok)
-        for i, prompt in enumerate(prompts):
-            ids = torch.tensor([encode(self.tok, prompt)], device=self.device)
-            options = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, attention_mask=torch.ones_like(ids))
+        for start in range(0, len(prompts), GENERATION_BATCH):
+            encoded = [encode(self.tok, prompt) for prompt in prompts[start:start + GENERATION_BATCH]]
+            input_ids, mask = pad_left(encoded, pad, self.device)
+            options = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, attention_mask=mask)
             if sample:
-                torch.manual_seed(seed + i)
+                torch.manual_seed(seed + start)
                 options.update(do_sample=True, top_k=top_k, top_p=1.0, temperature=1.0)
             else:
                 options.update(do_sample=False, top_k=None, top_p=None, temperature=None)
-            out = self.model.generate(ids, **options)
-            texts.append(self.tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True))
+            out = self.model.generate(input_ids, **options)
+            texts += [self.tok.decode(row[input_ids.shape[1]:].tolist(), skip_special_tokens=True) for row in out]
         return texts
+
+
+def pad_left(sequences: Sequence[Sequence[int]], pad_id: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``input_ids`` and ``attention_mask``: every prompt ends at the last column, where generation
+    continues (the model derives positions from the mask)."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return input_ids.to(device), mask.to(device)
 
 
 class EvalOptions:
