@@ -297,7 +297,7 @@ def test_batched_generation_equals_one_prompt_at_a_time(arch, tokenizer, monkeyp
 
     from alphaedit_plugin.evaluation import scoring
 
-    model = BUILDERS[arch]().double().eval()
+    model = BUILDERS[arch]().eval()
     scorer = scoring.ModelScorer(model, tokenizer)
     prompts = ["Paris is in", "The Eiffel Tower is located in the city of", "Rome", "Danielle Darrieux speaks"]
     monkeypatch.setattr(scoring, "GENERATION_BATCH", 1)
