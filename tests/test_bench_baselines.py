@@ -234,9 +234,9 @@ def test_the_zero_edit_point_is_scored_once_and_shared(tmp_path, monkeypatch):
     calls = []
     original = BenchmarkRunner._evaluate
 
-    def counting(self, cases, reference):
+    def counting(self, cases, reference, **kwargs):
         calls.append(len(cases))
-        return original(self, cases, reference)
+        return original(self, cases, reference, **kwargs)
 
     monkeypatch.setattr(BenchmarkRunner, "_evaluate", counting)
     cfg = config(tmp_path, tmp_path / "run", ("MEMIT", "unedited"))

@@ -136,3 +136,15 @@ def test_cli_bad_input_exits_with_a_message(tmp_path, caplog):
                  "--edits", "3", "--output", str(tmp_path / "o")])
     assert code == 2  # the data are checked before the model is loaded
     assert "3 edits requested but the file has only 2 records" in caplog.text
+
+
+@pytest.mark.parametrize("every_point", [False, True])
+def test_generated_text_metrics_at_curve_points_only_when_asked(tmp_path, every_point):
+    model, tok = build_gpt2(), make_tokenizer()
+    cfg = config(tmp_path, tmp_path / "run", methods=("unedited",), general_tasks=[], representation_prompts=0,
+                 eval=EvalOptions(fluency=True, generation_tokens=5), generation_at_curve_points=every_point)
+    curve = run_benchmark(cfg, model, tok)["methods"]["unedited"]["curve"]
+    assert [p["edits"] for p in curve] == [0, 2, 4]
+    assert isinstance(curve[0]["metrics"]["fluency"], float) and isinstance(curve[-1]["metrics"]["fluency"], float)
+    assert isinstance(curve[1]["metrics"]["fluency"], float) == every_point
+    assert curve[1]["metrics"]["efficacy"] is not None

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stats-dir", default=None, help="statistics/projector cache folder override")
     e = p.add_argument_group("metrics")
     e.add_argument("--fluency", action="store_true", help="generate text for Fluency (and Consistency); slow on a CPU")
+    e.add_argument("--generation-every-point", action="store_true",
+                   help="also compute the generated-text metrics (Fluency, Consistency, MQuAKE CoT) at the "
+                        "intermediate --eval-every points; by default only before editing and at the end")
     e.add_argument("--fluency-prompts", type=int, default=1, help="generation prompts per case")
     e.add_argument("--generation-tokens", type=int, default=100, help="new tokens per Fluency/LEME generation")
     e.add_argument("--reference-snippets", default=None, help="ROME attribute_snippets.json for Consistency")
@@ -135,6 +138,7 @@ def config_from_args(args) -> BenchConfig:
         general_tasks=general, glue_dir=args.glue_dir, general_n=args.general_n, rte_mapping=args.rte_mapping,
         representation_prompts=args.representation, plots=not args.no_plots,
         skip_bad_records=args.skip_bad_records,
+        generation_at_curve_points=args.generation_every_point,
         method_options={m: MethodOptions(hparams=hparams.get(m), overrides=overrides if m in hparams else {},
                                          seed=args.seed)
                         for m in args.methods},

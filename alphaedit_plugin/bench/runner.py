@@ -30,6 +30,7 @@ uninterrupted one does.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -80,6 +81,7 @@ class BenchConfig:
     method_options: Dict[str, MethodOptions] = field(default_factory=dict)
     plots: bool = True
     skip_bad_records: bool = False  # leave out (and log) records that fail the schema check
+    generation_at_curve_points: bool = False  # Fluency/CoT also at intermediate points (else: before and at the end)
 
     def validate(self) -> None:
         if not self.methods:
@@ -106,6 +108,7 @@ class BenchConfig:
             "rte_mapping": self.rte_mapping, "representation_prompts": self.representation_prompts,
             "representation_layer": self.representation_layer,
             "skip_bad_records": self.skip_bad_records,
+            "generation_at_curve_points": self.generation_at_curve_points,
         }
 
 
@@ -187,9 +190,15 @@ class BenchmarkRunner:
                                      "use another --output folder, or delete that one to start over")
         write_json(run_file, {"identity": identity, "dataset": self.dataset.path, "methods": self.config.methods})
 
-    def _evaluate(self, cases, reference) -> Dict[str, Any]:
+    def _evaluate(self, cases, reference, curve_point: bool = False) -> Dict[str, Any]:
+        """The family's metrics; at intermediate curve points without generated-text metrics (Fluency,
+        Consistency, MQuAKE CoT) unless ``generation_at_curve_points``: those dominate the cost."""
+        options = self.config.eval
+        if curve_point and not self.config.generation_at_curve_points:
+            options = copy.copy(options)
+            options.fluency, options.cot = False, False
         torch.manual_seed(self.config.seed)
-        return self.family.evaluate(self.scorer, cases, reference, self.config.eval)
+        return self.family.evaluate(self.scorer, cases, reference, options)
 
     def _general(self) -> Optional[Dict[str, Any]]:
         if not self.config.general_tasks:
@@ -317,7 +326,8 @@ class BenchmarkRunner:
                                     s_per_edit=f"{progress['edit_seconds'] / max(1, edited - done_edits):.2f}")
                     if cfg.eval_every and (t + 1) % cfg.eval_every == 0 and t + 1 < self.batches:
                         point = {"edits": edited,
-                                 "metrics": self._evaluate(self.cases[:edited], reference["reference"][:edited]),
+                                 "metrics": self._evaluate(self.cases[:edited], reference["reference"][:edited],
+                                                           curve_point=True),
                                  "general": self._general()}
                         progress["curve"].append(point)
                         logger.info("%s after %d edits: %s", name, edited, _headline(point["metrics"], self.family))
