@@ -135,7 +135,8 @@ def markdown(result: dict) -> str:
     lines = [f"# Sequential editing: MEMIT, PRUNE, RECT with and without P, and AlphaEdit",
              "", f"{result['edits']} CounterFact edits in batches of {result['batch_size']}, model "
              f"{result['model']}, statistics corpus `{result['corpus']}`, device {result.get('device', 'cpu')}.", "",
-             f"Reproduce: `{result['command']}`", "",
+             (f"Reproduce: one process per method, then `--merge` of their JSON files (the exact commands are "
+              f"in the JSON's `command`)." if result.get("merged_from") else f"Reproduce: `{result['command']}`"), "",
              "| method | Efficacy | Generalization | Specificity | ‖ΔW·K0‖/‖W·K0‖ mean | max | s/edit |",
              "|---|---|---|---|---|---|---|"]
     pre = result["pre"]

@@ -128,7 +128,10 @@ def test_cli_on_a_saved_tiny_model(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "| unedited | 2 |" in printed and (out / "results.json").exists()
-    assert json.loads((out / "results.json").read_text())["dataset"]["family"] == "zsre"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["dataset"]["family"] == "zsre"
+    assert saved["command"].startswith("alphaedit-bench --methods unedited --model ") and "--edits 2" in saved["command"]
+    assert saved["machine"]["device"] == "cpu"
 
 
 def test_cli_bad_input_exits_with_a_message(tmp_path, caplog):

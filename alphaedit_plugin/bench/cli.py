@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from typing import Dict, List, Optional
 
@@ -118,7 +119,7 @@ def hparams_by_method(args) -> Dict[str, str]:
     return chosen
 
 
-def config_from_args(args) -> BenchConfig:
+def config_from_args(args, argv: Optional[List[str]] = None) -> BenchConfig:
     hparams = hparams_by_method(args)
     overrides = {k: v for k, v in {"mom2_dataset": args.corpus, "mom2_n_samples": args.samples,
                                    "mom2_max_tokens": args.max_tokens, "stats_dir": args.stats_dir,
@@ -138,6 +139,7 @@ def config_from_args(args) -> BenchConfig:
         general_tasks=general, glue_dir=args.glue_dir, general_n=args.general_n, rte_mapping=args.rte_mapping,
         representation_prompts=args.representation, plots=not args.no_plots,
         skip_bad_records=args.skip_bad_records,
+        command=" ".join(shlex.quote(a) for a in ["alphaedit-bench", *(argv if argv is not None else sys.argv[1:])]),
         generation_at_curve_points=args.generation_every_point,
         method_options={m: MethodOptions(hparams=hparams.get(m), overrides=overrides if m in hparams else {},
                                          seed=args.seed)
@@ -150,7 +152,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = config_from_args(args)
+        config = config_from_args(args, argv)
         results = run_benchmark(config, device=args.device)
     except (DatasetError, BenchmarkError, ValueError, FileNotFoundError) as error:
         logger.error("%s", error)

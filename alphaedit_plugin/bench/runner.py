@@ -81,6 +81,7 @@ class BenchConfig:
     method_options: Dict[str, MethodOptions] = field(default_factory=dict)
     plots: bool = True
     skip_bad_records: bool = False  # leave out (and log) records that fail the schema check
+    command: Optional[str] = None  # the command line that started the run (recorded in the results)
     generation_at_curve_points: bool = False  # Fluency/CoT also at intermediate points (else: before and at the end)
 
     def validate(self) -> None:
@@ -372,6 +373,8 @@ class BenchmarkRunner:
             "eval_options": self.config.eval.as_dict(),
             "headline": list(self.family.HEADLINE),
             "pre": reference["pre"], "general_pre": reference.get("general_pre"),
+            "command": self.config.command,
+            "machine": machine_description(self.model),
             "methods": {},
         }
         for name in self.config.methods:
@@ -380,6 +383,16 @@ class BenchmarkRunner:
 
         write_reports(results, self.out, reference=reference, plots=self.config.plots)
         return results
+
+
+def machine_description(model) -> Dict[str, Any]:
+    """Where the run happened (timings mean little without it)."""
+    import platform
+
+    device = next(model.parameters()).device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {"device": str(device), "device_name": name, "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "platform": platform.platform()}
 
 
 def _headline(metrics: Dict[str, Any], family) -> str:
