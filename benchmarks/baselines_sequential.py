@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import corpus_problem, counterfact_records
 
 from alphaedit_plugin import AlphaEditHyperParams, apply_alphaedit_to_model, create_state
 from alphaedit_plugin.architectures import get_module, templates_for, weight_as_out_in
@@ -132,11 +133,11 @@ def device_description(device: str) -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Sequential editing: MEMIT, PRUNE, RECT with and without P, and AlphaEdit",
+    lines = ["# Sequential editing: MEMIT, PRUNE, RECT with and without P, and AlphaEdit",
              "", f"{result['edits']} CounterFact edits in batches of {result['batch_size']}, model "
              f"{result['model']}, statistics corpus `{result['corpus']}`, device {result.get('device', 'cpu')}.", "",
-             (f"Reproduce: one process per method, then `--merge` of their JSON files (the exact commands are "
-              f"in the JSON's `command`)." if result.get("merged_from") else f"Reproduce: `{result['command']}`"), "",
+             ("Reproduce: one process per method, then `--merge` of their JSON files (the exact commands are "
+              "in the JSON's `command`)." if result.get("merged_from") else f"Reproduce: `{result['command']}`"), "",
              "| method | Efficacy | Generalization | Specificity | ‖ΔW·K0‖/‖W·K0‖ mean | max | s/edit |",
              "|---|---|---|---|---|---|---|"]
     pre = result["pre"]
@@ -213,16 +214,10 @@ def main() -> int:
     if args.merge:
         return merge_results([Path(f) for f in args.merge], output)
 
-    data_path = Path(args.data)
-    if not data_path.is_file():
-        logger.error("CounterFact data not found at %s; pass --data PATH (flat EasyEdit CounterFact JSON)", data_path)
-        return 2
-    if args.corpus != "self" and not Path(args.corpus).exists():
-        logger.error("statistics corpus not found at %s; pass --corpus PATH or --corpus self", args.corpus)
-        return 2
-    records = json.loads(data_path.read_text())[: args.edits]
-    if len(records) < args.edits:
-        logger.error("%s has %d records, fewer than --edits %d", data_path, len(records), args.edits)
+    records, problem = counterfact_records(args.data, args.edits)
+    problem = problem or corpus_problem(args.corpus)
+    if problem:
+        logger.error("%s", problem)
         return 2
     requests = [{"prompt": r["prompt"], "subject": r["subject"], "target_new": r["target_new"]} for r in records]
     args.stats_dir = args.stats_dir or tempfile.mkdtemp(prefix="alphaedit-baselines-")

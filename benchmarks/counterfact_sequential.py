@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import corpus_problem, counterfact_records
 
 from alphaedit_plugin import AlphaEditHyperParams, apply_alphaedit_to_model, create_state, normalise_requests
 from alphaedit_plugin.architectures import templates_for, weight_as_out_in, get_module
@@ -112,16 +113,10 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    data_path = Path(args.data)
-    if not data_path.is_file():
-        logger.error("CounterFact data not found at %s; pass --data PATH (flat EasyEdit CounterFact JSON)", data_path)
-        return 2
-    if args.corpus != "self" and not Path(args.corpus).exists():
-        logger.error("statistics corpus not found at %s; pass --corpus PATH or --corpus self", args.corpus)
-        return 2
-    records = json.loads(data_path.read_text())[: args.edits]
-    if len(records) < args.edits:
-        logger.error("%s has %d records, fewer than --edits %d", data_path, len(records), args.edits)
+    records, problem = counterfact_records(args.data, args.edits)
+    problem = problem or corpus_problem(args.corpus)
+    if problem:
+        logger.error("%s", problem)
         return 2
     requests = [{"prompt": r["prompt"], "subject": r["subject"], "target_new": r["target_new"],
                  "case_id": r.get("case_id")} for r in records]

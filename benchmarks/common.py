@@ -1,0 +1,28 @@
+"""Input checks the benchmark scripts share: the CounterFact file and the statistics corpus.
+
+Each returns a message for the user instead of raising, so the scripts can log it and exit with 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+
+def counterfact_records(path: str, edits: int) -> Tuple[Optional[List[dict]], Optional[str]]:
+    """The first ``edits`` records of a flat EasyEdit CounterFact JSON file, or ``(None, why not)``."""
+    data_path = Path(path)
+    if not data_path.is_file():
+        return None, f"CounterFact data not found at {data_path}; pass --data PATH (flat EasyEdit CounterFact JSON)"
+    records = json.loads(data_path.read_text())[:edits]
+    if len(records) < edits:
+        return None, f"{data_path} has {len(records)} records, fewer than --edits {edits}"
+    return records, None
+
+
+def corpus_problem(corpus: str) -> Optional[str]:
+    """Why ``--corpus`` cannot be used, or None ('self' needs no file)."""
+    if corpus != "self" and not Path(corpus).exists():
+        return f"statistics corpus not found at {corpus}; pass --corpus PATH or --corpus self"
+    return None
