@@ -30,6 +30,8 @@ REQUIREMENTS=(
   higher omegaconf hydra-core
   # our package's own requirements and the test tools
   pyyaml safetensors tqdm pytest gguf accelerate
+  # running notebooks/01_quickstart.ipynb (tests/test_notebooks.py, make notebooks)
+  nbformat nbclient ipykernel
 )
 HOST="easyeditor==0.0.1.dev0"
 STAMP="$VENV/.alphaedit-easyedit-requirements"
