@@ -33,20 +33,24 @@ from common import corpus_problem, counterfact_records
 from alphaedit_plugin import AlphaEditHyperParams, apply_alphaedit_to_model, create_state
 from alphaedit_plugin.architectures import get_module, templates_for, weight_as_out_in
 from alphaedit_plugin.baselines import apply_baseline_to_model, create_baseline_state, load_hparams
+from alphaedit_plugin.bench.methods import HOST_STEP_LABELS, parse_baseline_label, yaml_stem
 from alphaedit_plugin.metrics import counterfact_scores
 from alphaedit_plugin.solve import preservation_ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 METHODS = ("MEMIT", "MEMIT+P", "MEMIT+P+λC0", "PRUNE", "PRUNE+P", "RECT", "RECT+P", "AlphaEdit")
+# On the EasyEdit host's own compute_z / compute_ks (memit_steps: easyeditor): only with --methods, in an
+# environment that has easyeditor (.venv-easyedit).
+OPTIONAL_METHODS = HOST_STEP_LABELS
 logger = logging.getLogger("baselines-benchmark")
 
 
 def hparams_path(method: str, model_key: str) -> Path:
     if method == "AlphaEdit":
         return ROOT / "hparams" / "AlphaEdit" / f"{model_key}.yaml"
-    name, projected = method.split("+")[0], "+P" in method
-    return ROOT / "hparams" / name / f"{model_key}{'-projected' if projected else ''}.yaml"
+    alg, projected, steps = parse_baseline_label(method.replace("+λC0", ""))
+    return ROOT / "hparams" / alg / f"{yaml_stem(model_key, projected, steps)}.yaml"
 
 
 def tiny_model_and_tokenizer(records):
@@ -143,7 +147,7 @@ def markdown(result: dict) -> str:
     pre = result["pre"]
     lines.append(f"| unedited | {pre['efficacy']:.1f} | {pre['generalization']:.1f} | {pre['specificity']:.1f} "
                  "| 0 | 0 | – |")
-    for method in METHODS:
+    for method in METHODS + OPTIONAL_METHODS:
         r = result["methods"].get(method)
         if r:
             lines.append(f"| {method} | {r['efficacy']:.1f} | {r['generalization']:.1f} | {r['specificity']:.1f} | "
@@ -192,7 +196,8 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=100000, help="mom2_n_samples")
     parser.add_argument("--max-tokens", type=int, default=256, help="mom2_max_tokens")
     parser.add_argument("--model-key", default="smollm2-135m", help="which hparams/<METHOD>/<key>.yaml to use")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated subset of {METHODS}, or of {OPTIONAL_METHODS} (these need easyeditor)")
     parser.add_argument("--stats-dir", default=None, help="statistics cache (shared by all methods; default: a "
                                                            "temporary folder)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "baselines_smollm2"),
@@ -206,9 +211,9 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - set(METHODS) - set(OPTIONAL_METHODS))
     if unknown:
-        parser.error(f"unknown method(s) {unknown}; choose from {METHODS}")
+        parser.error(f"unknown method(s) {unknown}; choose from {METHODS + OPTIONAL_METHODS}")
 
     output = Path(args.output)
     if args.merge:

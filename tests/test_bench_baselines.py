@@ -13,7 +13,8 @@ from alphaedit_plugin import StateMismatchError
 from alphaedit_plugin.architectures import templates_for
 from alphaedit_plugin.baselines import BaselineState, MEMITHyperParams, PRUNEHyperParams, RECTHyperParams
 from alphaedit_plugin.baselines.state import baseline_identity
-from alphaedit_plugin.bench import (BASELINE_LABELS, BaselineMethod, BenchConfig, BenchmarkError, BenchmarkRunner,
+from alphaedit_plugin.bench import (BASELINE_LABELS, HOST_STEP_LABELS, BaselineMethod, BenchConfig, BenchmarkError,
+                                    BenchmarkRunner,
                                     MethodOptions, available_methods, register_method, run_benchmark)
 from alphaedit_plugin.bench.cli import build_parser, config_from_args, main
 from alphaedit_plugin.bench.methods import default_hparams_path, load_baseline_hparams, unregister_method
@@ -65,6 +66,15 @@ def test_all_six_baselines_are_registered():
     assert default_hparams_path("PRUNE+P", "smollm2") == ROOT / "hparams" / "PRUNE" / "smollm2-135m-projected.yaml"
     assert default_hparams_path("RECT", "SmolLM2") == ROOT / "hparams" / "RECT" / "smollm2-135m.yaml"
     assert default_hparams_path("MEMIT", "/some/local/model") is None
+
+
+@pytest.mark.parametrize("label", BASELINE_LABELS + HOST_STEP_LABELS)
+def test_every_label_has_a_shipped_smollm2_yaml_that_matches_it(label):
+    path = default_hparams_path(label, "smollm2")
+    assert path is not None and path.is_file(), label
+    hparams = load_baseline_hparams(label, str(path))  # checks alg_name, projection and memit_steps
+    assert hparams.label == label
+    assert label in available_methods()
 
 
 def test_memit_and_memit_p_end_to_end(tmp_path):
@@ -259,6 +269,9 @@ def test_the_zero_edit_point_is_scored_once_and_shared(tmp_path, monkeypatch):
     ("MEMIT", "hparams/MEMIT/smollm2-135m-projected.yaml", "MEMIT needs hparams with projection: false"),
     ("PRUNE", "hparams/MEMIT/smollm2-135m.yaml", "PRUNE needs hparams with alg_name: PRUNE, but .* alg_name: MEMIT"),
     ("RECT+P", "hparams/AlphaEdit/smollm2-135m.yaml", "RECT\\+P: cannot use .*alg_name must be one of"),
+    ("MEMIT@easyeditor", "hparams/MEMIT/smollm2-135m.yaml", "MEMIT@easyeditor needs hparams with memit_steps: "
+                                                            "easyeditor, but .* has memit_steps: plugin"),
+    ("MEMIT+P", "hparams/MEMIT/smollm2-135m-easyeditor-projected.yaml", "needs hparams with memit_steps: plugin"),
 ])
 def test_a_yaml_for_another_label_is_refused(label, path, message):
     with pytest.raises(ValueError, match=message) as error:

@@ -20,6 +20,7 @@ import yaml
 from ..hparams import AlphaEditHyperParams, _help, _require
 
 RECT_ORDERS = ("sparsify_then_project", "project_then_sparsify")
+STEP_SOURCES = ("plugin", "easyeditor")  # memit_steps
 
 
 @dataclass
@@ -40,8 +41,16 @@ class BaselineHyperParams(AlphaEditHyperParams):
         "+ L2·I)⁻¹. true constrains twice (P and λ·C0), which measurably weakens the edits (docs/baselines.md).",
         default=False)
 
+    memit_steps: str = _help(
+        "Where the target search and the keys come from: plugin (default; batched, runs on CPU and GPU) or "
+        "easyeditor (the installed EasyEdit host's own compute_z / compute_ks, called unchanged; only the solve, "
+        "where P goes, is the plugin's). easyeditor makes the unprojected variant the host's MEMIT itself.",
+        default="plugin")
+
     def validate(self) -> None:
         super().validate()  # alg_name against this class's ALG_NAME, then the shared fields
+        if self.memit_steps not in STEP_SOURCES:
+            raise ValueError(f"memit_steps must be one of {STEP_SOURCES}, got {self.memit_steps!r}")
         if not isinstance(self.projection, bool):
             raise ValueError(f"projection must be true or false, got {self.projection!r}")
         if not isinstance(self.projection_keeps_mom2_term, bool):
@@ -55,14 +64,17 @@ class BaselineHyperParams(AlphaEditHyperParams):
         fields["alg_name"] = self.alg_name
         fields["projection"] = self.projection
         fields["projection_keeps_mom2_term"] = self.projection_keeps_mom2_term
+        fields["memit_steps"] = self.memit_steps
         return fields
 
     @property
     def label(self) -> str:
-        """``MEMIT``, ``MEMIT+P`` or ``MEMIT+P+λC0``: how tables and logs name the variant."""
+        """``MEMIT``, ``MEMIT+P`` or ``MEMIT+P+λC0`` (``MEMIT@easyeditor``... with the host's steps): how tables
+        and logs name the variant."""
+        name = self.alg_name + ("@easyeditor" if self.memit_steps == "easyeditor" else "")
         if not self.projection:
-            return self.alg_name
-        return self.alg_name + ("+P+λC0" if self.projection_keeps_mom2_term else "+P")
+            return name
+        return name + ("+P+λC0" if self.projection_keeps_mom2_term else "+P")
 
 
 @dataclass

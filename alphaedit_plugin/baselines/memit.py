@@ -78,6 +78,18 @@ class MEMITExecutor:
         self.state = state
 
     # ---- the steps a variant may change ------------------------------------
+    def compute_targets(self, model, tok, requests: Sequence[EditRequest], templates, value_layer: int,
+                        context_templates) -> TargetSearchResult:
+        """The target hidden states V1 at block ``value_layer`` (MEMIT's ``compute_z``, batched)."""
+        return compute_target_values(model, tok, requests, self.hparams, templates, value_layer, context_templates)
+
+    def compute_keys(self, model, tok, requests: Sequence[EditRequest], templates, layer: int, value_layer: int,
+                     context_templates) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(keys (n, d_in), current values (n, d_hidden))``: MEMIT's ``compute_ks`` and the block output at
+        ``value_layer`` the residual is measured against, for the weights now in the model."""
+        return compute_keys_and_values(model, tok, requests, templates, layer, value_layer, context_templates,
+                                       self.hparams.fact_token)
+
     def preservation_term(self, layer: int) -> torch.Tensor:
         """λ C0: MEMIT's prior that keeps W K0 (the preserved keys' outputs) in place."""
         return self.hparams.mom2_update_weight * self.state.second_moments[layer]
@@ -109,10 +121,10 @@ class MEMITExecutor:
         deltas: Dict[int, torch.Tensor] = {}
         layer_keys: Dict[int, torch.Tensor] = {}
         try:
-            targets = compute_target_values(model, tok, requests, hparams, templates, value_layer, context_templates)
+            targets = self.compute_targets(model, tok, requests, templates, value_layer, context_templates)
             for position, layer in enumerate(hparams.layers):
-                keys, current = compute_keys_and_values(model, tok, requests, templates, layer, value_layer,
-                                                        context_templates, hparams.fact_token)
+                keys, current = self.compute_keys(model, tok, requests, templates, layer, value_layer,
+                                                  context_templates)
                 residual = (targets.values - current) / (len(hparams.layers) - position)  # MEMIT Eq. 20
                 weight = weight_as_out_in(modules[layer]).detach()
                 delta = self.solve(layer, keys.T, residual.T)
@@ -164,7 +176,26 @@ def executor_class(hparams: BaselineHyperParams) -> type:
     from .rect import RECTExecutor
 
     base = {"MEMIT": MEMITExecutor, "PRUNE": PRUNEExecutor, "RECT": RECTExecutor}[hparams.alg_name]
+    if getattr(hparams, "memit_steps", "plugin") == "easyeditor":
+        base = with_host_steps(base)
     return with_projection(base) if hparams.projection else base
+
+
+_WITH_HOST_STEPS: Dict[type, type] = {}
+
+
+def with_host_steps(executor: type) -> type:
+    """The executor class whose target search and keys are the EasyEdit host's own (see host_steps.py)."""
+    from .host_steps import EasyEditMEMITSteps, host_memit_modules
+
+    host_memit_modules()  # a clear error now if the host is missing, not in the middle of an edit
+    if issubclass(executor, EasyEditMEMITSteps):
+        return executor
+    if executor not in _WITH_HOST_STEPS:
+        _WITH_HOST_STEPS[executor] = type(f"EasyEdit{executor.__name__}", (EasyEditMEMITSteps, executor),
+                                          {"__doc__": f"{executor.__name__} on the EasyEdit host's compute_z and "
+                                                      "compute_ks."})
+    return _WITH_HOST_STEPS[executor]
 
 
 def apply_baseline_to_model(

@@ -14,7 +14,9 @@ back (``load_state``) instead of calling ``prepare``.
 Registered here: ``AlphaEdit``, ``unedited`` and the baselines ``MEMIT``,
 ``MEMIT+P``, ``PRUNE``, ``PRUNE+P``, ``RECT``, ``RECT+P`` (one
 :class:`BaselineMethod` each, the ``+P`` twins with AlphaEdit's null-space
-projection P). Hyperparameters come from ``MethodOptions.hparams`` (a yaml
+projection P), and the same six on the EasyEdit host's own target search and
+keys, ``MEMIT@easyeditor``, ``MEMIT@easyeditor+P``, ... (``memit_steps:
+easyeditor``; they need the ``easyeditor`` package). Hyperparameters come from ``MethodOptions.hparams`` (a yaml
 path or an object); :func:`default_hparams_path` names the shipped yaml of a
 known model.
 """
@@ -31,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 HPARAMS_ROOT = Path(__file__).resolve().parents[2] / "hparams"
 BASELINE_LABELS = ("MEMIT", "MEMIT+P", "PRUNE", "PRUNE+P", "RECT", "RECT+P")
+# The same executors on the EasyEdit host's own compute_z / compute_ks (memit_steps: easyeditor).
+HOST_STEP_LABELS = tuple(label.replace("+P", "") + "@easyeditor" + ("+P" if label.endswith("+P") else "")
+                         for label in BASELINE_LABELS)
 # --model values with shipped yaml files: hparams/<ALG>/<key>.yaml (baselines: <key>[-projected].yaml)
 MODEL_KEYS = {"smollm2": "smollm2-135m"}
 
@@ -161,11 +166,18 @@ def describe_hparams(hparams: Any) -> Dict[str, Any]:
     return {k: (v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v)) for k, v in fields.items()}
 
 
-def parse_baseline_label(label: str) -> Tuple[str, bool]:
-    """``"PRUNE+P"`` -> ``("PRUNE", True)``; ``"MEMIT"`` -> ``("MEMIT", False)``."""
-    if label not in BASELINE_LABELS:
-        raise ValueError(f"unknown baseline {label!r}; expected one of {', '.join(BASELINE_LABELS)}")
-    return label.split("+")[0], label.endswith("+P")
+def parse_baseline_label(label: str) -> Tuple[str, bool, str]:
+    """``"PRUNE+P"`` -> ``("PRUNE", True, "plugin")``; ``"MEMIT@easyeditor"`` -> ``("MEMIT", False, "easyeditor")``."""
+    if label not in BASELINE_LABELS + HOST_STEP_LABELS:
+        raise ValueError(f"unknown baseline {label!r}; expected one of {', '.join(BASELINE_LABELS + HOST_STEP_LABELS)}")
+    name, projected = (label[:-2], True) if label.endswith("+P") else (label, False)
+    alg, _, steps = name.partition("@")
+    return alg, projected, steps or "plugin"
+
+
+def yaml_stem(key: str, projected: bool, steps: str) -> str:
+    """The shipped yaml's name for a model key: ``smollm2-135m[-easyeditor][-projected]``."""
+    return key + ("-easyeditor" if steps == "easyeditor" else "") + ("-projected" if projected else "")
 
 
 def model_key(model: str) -> Optional[str]:
@@ -182,9 +194,9 @@ def default_hparams_path(method: str, model: str) -> Optional[Path]:
         return None
     if method == "AlphaEdit":
         path = HPARAMS_ROOT / "AlphaEdit" / f"{key}.yaml"
-    elif method in BASELINE_LABELS:
-        alg, projected = parse_baseline_label(method)
-        path = HPARAMS_ROOT / alg / f"{key}{'-projected' if projected else ''}.yaml"
+    elif method in BASELINE_LABELS + HOST_STEP_LABELS:
+        alg, projected, steps = parse_baseline_label(method)
+        path = HPARAMS_ROOT / alg / f"{yaml_stem(key, projected, steps)}.yaml"
     else:
         return None
     return path if path.is_file() else None
@@ -198,8 +210,8 @@ def load_baseline_hparams(label: str, source: Any, overrides: Optional[Dict[str,
     """
     from ..baselines import BaselineHyperParams, load_hparams
 
-    alg, projected = parse_baseline_label(label)
-    flag = f"--method-hparams {label}=PATH (e.g. hparams/{alg}/smollm2-135m{'-projected' if projected else ''}.yaml)"
+    alg, projected, steps = parse_baseline_label(label)
+    flag = f"--method-hparams {label}=PATH (e.g. hparams/{alg}/{yaml_stem('smollm2-135m', projected, steps)}.yaml)"
     if source is None:
         raise ValueError(f"{label} needs hyperparameters: pass {flag}, or --hparams PATH when it is the only "
                          "method with hyperparameters")
@@ -223,6 +235,9 @@ def load_baseline_hparams(label: str, source: Any, overrides: Optional[Dict[str,
     if hparams.projection != projected:
         raise ValueError(f"{label} needs hparams with projection: {str(projected).lower()}, but {where} has "
                          f"projection: {str(hparams.projection).lower()} (it is {hparams.label}'s); pass {flag}")
+    if hparams.memit_steps != steps:
+        raise ValueError(f"{label} needs hparams with memit_steps: {steps}, but {where} has memit_steps: "
+                         f"{hparams.memit_steps} (it is {hparams.label}'s); pass {flag}")
     hparams.validate()
     return hparams
 
@@ -346,5 +361,5 @@ def create_method(name: str, model, tok, options: Optional[MethodOptions] = None
 
 register_method("AlphaEdit", AlphaEditMethod)
 register_method("unedited", UneditedMethod)
-for _label in BASELINE_LABELS:
+for _label in BASELINE_LABELS + HOST_STEP_LABELS:
     register_method(_label, _baseline_factory(_label))

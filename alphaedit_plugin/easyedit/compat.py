@@ -23,6 +23,18 @@ touched.
 3. The weights-copy contract differs between the hosts (see
    :class:`HostInfo.restores_only_kept_weights`); the adapter reads it from
    here instead of guessing.
+4. Calling the host's own MEMIT steps (``compute_z``, ``compute_ks``;
+   :mod:`alphaedit_plugin.baselines.host_steps`). Besides ``.to(...)`` they
+   build tensors with ``torch.tensor(..., device=f"cuda:{device}")`` and
+   ``torch.zeros(..., device=...)``, which fix 1 does not reach.
+   :func:`host_step_call` runs such a call with a torch-function mode that
+   reads a malformed ``"cuda:<device>"`` device argument of *any* torch
+   function as ``"<device>"`` (same rule as fix 1), sends the host's
+   ``print`` output to this module's logger at DEBUG, lets the tokenizer pad
+   on the right for the call (the host's index arithmetic assumes it; the
+   PyPI ``BaseEditor`` leaves MEMIT's tokenizer so) and puts back the
+   ``requires_grad`` flags the host clears on every model parameter
+   (``nethook.set_requires_grad(False, model)``).
 """
 
 from __future__ import annotations
@@ -30,11 +42,13 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from contextlib import contextmanager
+import io
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 logger = logging.getLogger(__name__)
 
@@ -193,3 +207,67 @@ def undo_batch_editing() -> None:
     current = BatchEditor.is_batchable_method
     if getattr(current, _PATCH_MARK, False):
         BatchEditor.is_batchable_method = staticmethod(current.__wrapped__)
+
+
+# ---------------------------------------------------------------------------
+# 4. Calling the host's own MEMIT steps
+# ---------------------------------------------------------------------------
+class _DeviceStringMode(TorchFunctionMode):
+    """Reads ``device="cuda:cpu"`` (or a first positional ``"cuda:cpu"`` of ``Tensor.to``) as ``"cpu"``."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs:
+            kwargs["device"] = translate_device(kwargs["device"])
+        if len(args) > 1 and isinstance(args[1], str) and getattr(func, "__name__", "") == "to":
+            args = (args[0], translate_device(args[1])) + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+class _LogWriter(io.TextIOBase):
+    """A file object whose lines go to ``logger.debug`` (the host reports with ``print``)."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.pending = prefix, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if line.strip():
+                logger.debug("%s: %s", self.prefix, line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending.strip():
+            logger.debug("%s: %s", self.prefix, self.pending)
+        self.pending = ""
+
+
+@contextmanager
+def host_step_call(model, tok, device: Any, label: str = "easyeditor") -> Iterator[None]:
+    """Run one call into the host's MEMIT code on ``model`` (see fix 4 in this module's docstring).
+
+    The device-string translation is on only where ``f"cuda:{device}"`` would be invalid
+    (``device`` ``"cpu"``, ``"cuda"``, ``"cuda:1"``); with a CUDA index the host's strings are valid
+    and pass untouched. Everything changed here is put back when the block ends, also on error.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    padding_side = getattr(tok, "padding_side", None)
+    translate = translate_device(f"cuda:{device}") != f"cuda:{device}" or isinstance(device, bool)
+    writer = _LogWriter(label)
+    try:
+        if padding_side is not None:
+            tok.padding_side = "right"
+        with redirect_stdout(writer):
+            if translate:
+                with cuda_prefix_aliases(), _DeviceStringMode():
+                    yield
+            else:
+                yield
+    finally:
+        writer.flush()
+        if padding_side is not None:
+            tok.padding_side = padding_side
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
