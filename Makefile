@@ -35,7 +35,8 @@ test-core: $(STAMP)
 # tests again on transformers 4.46 (the version that host needs).
 test-easyedit: venv-easyedit
 	$(EASY_VENV)/bin/python -m pytest -q -ra -m "not real_model" tests
-	$(EASY_VENV)/bin/python -m pytest -q -ra -m real_model tests/test_easyedit_integration.py tests/test_notebooks.py
+	$(EASY_VENV)/bin/python -m pytest -q -ra -m real_model tests/test_easyedit_integration.py tests/test_host_memit.py \
+		tests/test_notebooks.py
 
 test: test-core test-easyedit
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Dict, List, Sequence, Tuple
 
 import torch
+from tqdm.auto import tqdm
 
 from .tracing import encode, pad_right, pad_token_id
 
@@ -32,7 +33,9 @@ def answer_nll(model, tok, pairs: Sequence[Tuple[str, str]]) -> List[float]:
         sequences.append(prompt_ids + answer_ids)
         spans.append((len(prompt_ids), answer_ids))
     result: List[float] = []
-    for start in range(0, len(sequences), PAIRS_PER_FORWARD):
+    starts = range(0, len(sequences), PAIRS_PER_FORWARD)
+    for start in tqdm(starts, desc=f"scoring {len(pairs)} answers", unit="batch", disable=len(starts) < 8,
+                      leave=False):
         chunk = sequences[start:start + PAIRS_PER_FORWARD]
         input_ids, mask = pad_right(chunk, pad_token_id(tok), device)
         log_probs = model(input_ids=input_ids, attention_mask=mask).logits.float().log_softmax(-1)

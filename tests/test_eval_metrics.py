@@ -68,6 +68,28 @@ def test_counterfact_fluency_uses_generation_prompts_and_says_consistency_missin
     assert result["consistency"] == pytest.approx(100.0)  # the generation equals the reference text
 
 
+def test_counterfact_fluency_generates_all_cases_in_one_batched_call_and_maps_texts_back():
+    import copy
+
+    first = load_dataset(FIXTURES / "counterfact_rome.json").cases[0]
+    second = copy.deepcopy(first)
+    second.fields["generation_prompts"] = ["Repeat repeat"]
+    calls = []
+
+    class Recording(FakeScorer):
+        def generate(self, prompts, *args, **kwargs):
+            calls.append(list(prompts))
+            return super().generate(prompts, *args, **kwargs)
+
+    scorer = Recording(text={"Repeat repeat": " repeat repeat repeat repeat", "Danielle Darrieux was born in": " Paris"})
+    result = counterfact.evaluate(scorer, [first, second], [None, None], EvalOptions(fluency=True, fluency_prompts=2))
+    assert len(calls) == 1 and calls[0][-1] == "Repeat repeat"  # one call for both cases, in case order
+    per_case = [fluency([first.fields["generation_prompts"][0], "Danielle Darrieux was born in Paris"]),
+                fluency(["Repeat repeat repeat repeat repeat repeat"])]
+    assert per_case[0] != per_case[1]
+    assert result["fluency"] == pytest.approx(sum(per_case) / 2)
+
+
 @pytest.mark.parametrize("builder", [build_gpt2, build_llama])
 def test_counterfact_flat_on_a_tiny_model_matches_the_core_metric(builder):
     model, tok = builder(), make_tokenizer()

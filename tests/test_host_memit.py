@@ -218,3 +218,37 @@ def test_base_editor_runs_the_host_step_variants(tmp_path, monkeypatch):
         state = be.get_state(editor.model, hparams)
         assert state is not None and state.identity["method"] == hparams.label
         be.reset_state(editor)
+
+
+@needs_host
+@pytest.mark.real_model
+def test_smollm2_host_memit_with_p_through_base_editor(tmp_path, monkeypatch):
+    """The real model through the host: MEMIT@easyeditor+P from its shipped yaml makes the edit hold."""
+    from pathlib import Path
+
+    from easyeditor import BaseEditor
+
+    from alphaedit_plugin.baselines import easyedit as be
+
+    models = pytest.importorskip("alphaedit_plugin.models", reason="alphaedit_plugin.models is not available")
+    try:
+        model, tok = models.load_smollm2()
+    except Exception as error:  # the wheel is not installed: say so
+        pytest.skip(f"SmolLM2 not available: {type(error).__name__}: {error}")
+    monkeypatch.chdir(tmp_path)
+    be.register()
+    root = Path(__file__).resolve().parents[1]
+    wikitext = root.parent / "shared" / "data" / "wikitext" / "wiki.test.raw"
+    hparams = load_hparams(root / "hparams" / "MEMIT" / "smollm2-135m-easyeditor-projected.yaml")
+    assert hparams.label == "MEMIT@easyeditor+P"
+    hparams.stats_dir = str(tmp_path / "stats")
+    hparams.mom2_dataset = str(wikitext) if wikitext.is_file() else "self"
+    hparams.mom2_n_samples = 200 if wikitext.is_file() else 128
+    hparams.model_name = (model, tok)
+    editor = BaseEditor.from_hparams(hparams)
+    metrics, _, _ = editor.edit(prompts=["The Eiffel Tower is located in the city of"], target_new=["Rome"],
+                                subject=["Eiffel Tower"])
+    assert metrics[0]["post"]["rewrite_acc"][0] > metrics[0]["pre"]["rewrite_acc"][0]
+    assert metrics[0]["post"]["rewrite_acc"][0] >= 0.99
+    state = be.get_state(editor.model, hparams)
+    assert state is not None and state.identity["method"] == "MEMIT@easyeditor+P"

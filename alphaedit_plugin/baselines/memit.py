@@ -7,18 +7,20 @@ the projection mixin (:mod:`.projection`) changes. PRUNE and RECT
 (:mod:`.prune`, :mod:`.rect`) are subclasses that change what happens to
 the solved update, as their papers describe.
 
-Why not the host's ``easyeditor.models.memit`` code itself: its target
-search (``compute_z``) builds tensors on ``f"cuda:{device}"`` and its
-statistics (``layer_stats``) download Wikipedia from a datasets hub, so it
-cannot run on a CPU or offline; it also keeps its covariance and context
-prefixes in module globals. Its solve is one line, reproduced here by the
-core's float64 solve with the preservation term passed as the "earlier
-keys" matrix (see :func:`memit_update`); tests check the result against the
-closed form computed independently. Everything the host's MEMIT does
-(context-prefix averaged keys at the subject's last token, one target
-search at the last edited layer, the residual spread evenly over the
-remaining layers, each layer's update in place before the next layer's
-keys are read) is done the same way here.
+Where the steps come from: by default the plugin's own (batched target
+search, context-averaged keys); with ``memit_steps: easyeditor`` the EasyEdit
+host's ``compute_z`` and ``compute_ks`` themselves (:mod:`.host_steps`, which
+overrides :meth:`MEMITExecutor.compute_targets` and
+:meth:`MEMITExecutor.compute_keys`). The solve is always this module's: the
+host writes it inline in ``execute_memit``, where P cannot be inserted. It is
+the core's float64 solve with the preservation term passed as the "earlier
+keys" matrix (see :func:`memit_update`); tests check it against the closed
+form computed independently and, with the host's steps, against the host's
+own ``execute_memit``. Everything the host's MEMIT does (context-prefix
+averaged keys at the subject's last token, one target search at the last
+edited layer, the residual spread evenly over the remaining layers, each
+layer's update in place before the next layer's keys are read) is done the
+same way here.
 """
 
 from __future__ import annotations

@@ -95,11 +95,10 @@ def evaluate(scorer, cases: Sequence[EditCase], reference_data: Sequence[Any], o
     notes = []
     result["fluency"] = result["consistency"] = None
     if options.fluency:
-        texts_per_case = []
-        for case in cases:
-            prompts = generation_prompts(case, options.fluency_prompts)
-            continuations = scorer.generate(prompts, options.generation_tokens, sample=True, seed=options.seed)
-            texts_per_case.append([p + c for p, c in zip(prompts, continuations)])
+        prompts_per_case = [generation_prompts(case, options.fluency_prompts) for case in cases]
+        flat = [prompt for prompts in prompts_per_case for prompt in prompts]  # one batched call for all cases
+        continuations = iter(scorer.generate(flat, options.generation_tokens, sample=True, seed=options.seed))
+        texts_per_case = [[p + next(continuations) for p in prompts] for prompts in prompts_per_case]
         result["fluency"] = percent([fluency(texts) / 100 for texts in texts_per_case])
         if not any(case.fields.get("generation_prompts") for case in cases):
             notes.append("fluency: the file has no generation_prompts; generations start from the edit prompt")

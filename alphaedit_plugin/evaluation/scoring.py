@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import List, Sequence, Tuple
 
 import torch
+from tqdm.auto import tqdm
 
 from ..metrics import PAIRS_PER_FORWARD, answer_nll
 from ..tracing import encode, pad_right, pad_token_id
@@ -79,7 +80,9 @@ class ModelScorer:
         """
         texts: List[str] = []
         pad = pad_token_id(self.tok)
-        for start in range(0, len(prompts), GENERATION_BATCH):
+        starts = range(0, len(prompts), GENERATION_BATCH)
+        for start in tqdm(starts, desc=f"generating {max_new_tokens} tokens for {len(prompts)} prompts",
+                          unit="batch", disable=len(starts) < 4, leave=False):
             encoded = [encode(self.tok, prompt) for prompt in prompts[start:start + GENERATION_BATCH]]
             input_ids, mask = pad_left(encoded, pad, self.device)
             options = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, attention_mask=mask)
