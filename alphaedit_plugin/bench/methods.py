@@ -89,16 +89,52 @@ class UneditedMethod(EditMethod):
         return None
 
 
-class AlphaEditMethod(EditMethod):
+class StatefulEditMethod(EditMethod):
+    """An editor with hyperparameters and one state carried across batches (AlphaEdit, the baselines).
+
+    Subclasses set ``STATE_FILE`` and write ``prepare`` (make ``self.state``), ``apply`` (edit with it) and
+    ``load_state``; the edited parameters, the lazy preparation and the saving are shared.
+    """
+
+    STATE_FILE = "state.pt"
+
+    def __init__(self, model, tok, options: MethodOptions, hparams):
+        super().__init__(model, tok, options)
+        self.hparams = hparams
+        self.state = None
+
+    def _device(self):
+        return next(self.model.parameters()).device
+
+    def _templates(self):
+        from ..architectures import templates_for
+
+        return templates_for(self.model, self.hparams)
+
+    def edited_parameters(self):
+        template = self._templates().rewrite_module_tmp
+        return [f"{template.format(layer)}.weight" for layer in self.hparams.layers]
+
+    def apply(self, requests) -> None:
+        raise NotImplementedError
+
+    def edit(self, requests):
+        if self.state is None:
+            self.prepare()
+        self.apply(requests)
+
+    def save_state(self, folder):
+        self.state.save(Path(folder) / self.STATE_FILE)
+
+
+class AlphaEditMethod(StatefulEditMethod):
     """AlphaEdit with one persistent :class:`~alphaedit_plugin.AlphaEditState` across batches."""
 
     name = "AlphaEdit"
     STATE_FILE = "alphaedit_state.pt"
 
     def __init__(self, model, tok, options: MethodOptions):
-        super().__init__(model, tok, options)
-        self.hparams = self.check_options(options)
-        self.state = None
+        super().__init__(model, tok, options, self.check_options(options))
 
     @classmethod
     def check_options(cls, options: MethodOptions):
@@ -115,43 +151,24 @@ class AlphaEditMethod(EditMethod):
         apply_overrides(hparams, options.overrides, "AlphaEdit")
         return hparams
 
-    def _templates(self):
-        from ..architectures import templates_for
-
-        return templates_for(self.model, self.hparams)
-
     def prepare(self):
         from ..alphaedit_main import create_state
 
         self.state = create_state(self.model, self.tok, self.hparams)
 
-    def edited_parameters(self):
-        template = self._templates().rewrite_module_tmp
-        return [f"{template.format(layer)}.weight" for layer in self.hparams.layers]
-
-    def edit(self, requests):
+    def apply(self, requests):
         from ..alphaedit_main import apply_alphaedit_to_model
 
-        if self.state is None:
-            self.prepare()
         apply_alphaedit_to_model(self.model, self.tok, requests, self.hparams, state=self.state)
-
-    def save_state(self, folder):
-        self.state.save(Path(folder) / self.STATE_FILE)
 
     def load_state(self, folder):
         from ..state import AlphaEditState
 
-        device = next(self.model.parameters()).device
-        self.state = AlphaEditState.load(Path(folder) / self.STATE_FILE, device=device)
+        self.state = AlphaEditState.load(Path(folder) / self.STATE_FILE, device=self._device())
 
     def describe(self):
         return {"hparams": describe_hparams(self.hparams)}
 
-
-# ---------------------------------------------------------------------------
-# Shared helpers
-# ---------------------------------------------------------------------------
 
 def apply_overrides(hparams: Any, overrides: Dict[str, Any], label: str) -> None:
     """Replace hparams fields in place (the CLI's --corpus, --stats-dir, ...); an unknown field is refused."""
@@ -242,7 +259,7 @@ def load_baseline_hparams(label: str, source: Any, overrides: Optional[Dict[str,
     return hparams
 
 
-class BaselineMethod(EditMethod):
+class BaselineMethod(StatefulEditMethod):
     """MEMIT, PRUNE or RECT, with (``+P``) or without the null-space projection P, by label.
 
     One :class:`~alphaedit_plugin.baselines.BaselineState` is kept across batches (projectors, Kp Kpᵀ,
@@ -252,20 +269,14 @@ class BaselineMethod(EditMethod):
     STATE_FILE = "baseline_state.pt"
 
     def __init__(self, model, tok, options: MethodOptions, label: str = "MEMIT"):
-        super().__init__(model, tok, options)
+        super().__init__(model, tok, options, load_baseline_hparams(label, options.hparams, options.overrides))
         self.label = label
         self.name = label
-        self.hparams = load_baseline_hparams(label, options.hparams, options.overrides)
-        self.state = None
-
-    def _device(self):
-        return next(self.model.parameters()).device
 
     def _identity(self):
-        from ..architectures import templates_for
         from ..baselines.state import baseline_identity
 
-        return baseline_identity(self.model, self.hparams, templates_for(self.model, self.hparams))
+        return baseline_identity(self.model, self.hparams, self._templates())
 
     def prepare(self):
         from ..baselines import create_baseline_state
@@ -275,21 +286,10 @@ class BaselineMethod(EditMethod):
         state.second_moments = {layer: moment.to(device) for layer, moment in state.second_moments.items()}
         self.state = state
 
-    def edited_parameters(self):
-        from ..architectures import templates_for
-
-        template = templates_for(self.model, self.hparams).rewrite_module_tmp
-        return [f"{template.format(layer)}.weight" for layer in self.hparams.layers]
-
-    def edit(self, requests):
+    def apply(self, requests):
         from ..baselines import apply_baseline_to_model
 
-        if self.state is None:
-            self.prepare()
         apply_baseline_to_model(self.model, self.tok, requests, self.hparams, state=self.state)
-
-    def save_state(self, folder):
-        self.state.save(Path(folder) / self.STATE_FILE)
 
     def load_state(self, folder):
         from ..baselines import BaselineState
