@@ -119,19 +119,31 @@ def test_registry_refuses_a_taken_name():
 
 
 def test_cli_on_a_saved_tiny_model(tmp_path, capsys):
+    import torch
+
     model_dir = tmp_path / "model"
     build_gpt2().save_pretrained(model_dir)
     make_tokenizer().save_pretrained(model_dir)
     out = tmp_path / "cli"
-    code = main(["--methods", "unedited", "--model", str(model_dir), "--data", str(FIXTURES / "zsre_mend.json"),
-                 "--edits", "2", "--batch-size", "1", "--output", str(out), "--no-plots"])
+    threads = torch.get_num_threads()
+    try:
+        code = main(["--methods", "unedited", "--model", str(model_dir), "--data", str(FIXTURES / "zsre_mend.json"),
+                     "--edits", "2", "--batch-size", "1", "--output", str(out), "--no-plots", "--threads", "2"])
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0
     printed = capsys.readouterr().out
     assert "| unedited | 2 |" in printed and (out / "results.json").exists()
     saved = json.loads((out / "results.json").read_text())
     assert saved["dataset"]["family"] == "zsre"
     assert saved["command"].startswith("alphaedit-bench --methods unedited --model ") and "--edits 2" in saved["command"]
-    assert saved["machine"]["device"] == "cpu"
+    assert saved["machine"]["device"] == "cpu" and saved["machine"]["cpu_threads"] == 2  # conftest runs with 1
+
+
+def test_cli_refuses_zero_threads(tmp_path, caplog):
+    code = main(["--methods", "unedited", "--data", str(FIXTURES / "zsre_mend.json"), "--edits", "1",
+                 "--output", str(tmp_path / "o"), "--threads", "0"])
+    assert code == 2 and "--threads must be >= 1, got 0" in caplog.text
 
 
 def test_cli_bad_input_exits_with_a_message(tmp_path, caplog):

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["AlphaEdit"], help=f"registered: {', '.join(available_methods())}")
     p.add_argument("--model", default="smollm2", help="'smollm2' or a local checkpoint folder")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's, one per core). Give each of several runs sharing "
+                        "the cores its share: oversubscribed threads slowed generation about 7x on 2 cores")
     p.add_argument("--data", required=True, help="benchmark JSON file (CounterFact, ZsRE, KnowEdit, MQuAKE, LEME)")
     p.add_argument("--dataset", choices=FAMILIES, default=None, help="check the file is of this family (default: detect)")
     p.add_argument("--schema", choices=sorted(PARSERS), default=None, help="force a schema (default: detect)")
@@ -151,6 +154,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads is not None:
+        if args.threads < 1:
+            logger.error("--threads must be >= 1, got %d", args.threads)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         config = config_from_args(args, argv)
         results = run_benchmark(config, device=args.device)
