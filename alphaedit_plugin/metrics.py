@@ -17,21 +17,26 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from .tracing import encode, pad_right, pad_token_id
+from .tracing import pad_right, pad_token_id, prompt_and_answer_ids
 
 PAIRS_PER_FORWARD = 64
+
+
+def answer_sequences(tok, pairs: Sequence[Tuple[str, str]]) -> Tuple[List[List[int]], List[Tuple[int, List[int]]]]:
+    """Per pair, the ids of prompt + answer and ``(where the answer starts, its ids)``."""
+    sequences, spans = [], []
+    for prompt, answer in pairs:
+        prompt_ids, answer_ids = prompt_and_answer_ids(tok, prompt, answer)
+        sequences.append(prompt_ids + answer_ids)
+        spans.append((len(prompt_ids), answer_ids))
+    return sequences, spans
 
 
 @torch.no_grad()
 def answer_nll(model, tok, pairs: Sequence[Tuple[str, str]]) -> List[float]:
     """Mean per-token negative log-likelihood of each answer (leading space added) after its prompt."""
     device = next(model.parameters()).device
-    sequences, spans = [], []
-    for prompt, answer in pairs:
-        prompt_ids = encode(tok, prompt)
-        answer_ids = encode(tok, answer if answer.startswith(" ") else " " + answer, special_tokens=False)
-        sequences.append(prompt_ids + answer_ids)
-        spans.append((len(prompt_ids), answer_ids))
+    sequences, spans = answer_sequences(tok, pairs)
     result: List[float] = []
     starts = range(0, len(sequences), PAIRS_PER_FORWARD)
     for start in tqdm(starts, desc=f"scoring {len(pairs)} answers", unit="batch", disable=len(starts) < 8,

@@ -28,6 +28,38 @@ def encode(tok, text: str, special_tokens: bool = True) -> List[int]:
     return list(tok(text, add_special_tokens=special_tokens)["input_ids"])
 
 
+def prompt_and_answer_ids(tok, prompt: str, answer: str) -> Tuple[List[int], List[int]]:
+    """Token ids of ``prompt`` and of ``answer`` (a leading space added) as they occur in the joint text.
+
+    Tokenising the answer on its own is what the reference code does, and it is exact for byte-level BPE
+    (GPT-2, Llama 3, SmolLM2). A SentencePiece tokenizer in legacy mode (Llama 2) turns " Paris" alone into
+    "▁" "▁Paris", one token more than the prompt followed by the answer has, and that extra token lowers the
+    answer's score. With a fast tokenizer the joint text is tokenised once and split at the prompt's last
+    character by the tokens' offsets; where a token straddles that boundary, or offsets are missing, the
+    separate tokenisation is used.
+    """
+    answer = answer if answer.startswith(" ") else " " + answer
+    separate = encode(tok, prompt), encode(tok, answer, special_tokens=False)
+    if not getattr(tok, "is_fast", False):
+        return separate
+    joint = tok(prompt + answer, return_offsets_mapping=True, return_special_tokens_mask=True)
+    boundary = len(prompt)
+    prompt_ids: List[int] = []
+    answer_ids: List[int] = []
+    for token, (start, end), special in zip(joint["input_ids"], joint["offset_mapping"],
+                                            joint["special_tokens_mask"]):
+        if special:
+            if not answer_ids:  # leading specials (BOS) belong to the prompt; trailing ones (EOS) are dropped
+                prompt_ids.append(token)
+        elif end <= boundary and not answer_ids:
+            prompt_ids.append(token)
+        elif start >= boundary:
+            answer_ids.append(token)
+        else:
+            return separate  # a token spans the boundary: no clean split
+    return (prompt_ids, answer_ids) if answer_ids else separate
+
+
 def subject_token_index(tok, prompt_template: str, subject: str, strategy: str) -> Tuple[List[int], int]:
     """Token ids of the filled prompt and the index of the token that represents the subject.
 

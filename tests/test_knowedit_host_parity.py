@@ -390,20 +390,18 @@ def sentencepiece_tokenizer(legacy: bool):
 
 @pytest.mark.parametrize("legacy", [False, True])
 def test_sentencepiece_answer_tokens(legacy):
-    """Our answer tokens are tok(" " + answer) without special tokens; the host's are the joint tokenisation's
-    tail. Non-legacy SentencePiece: the same, and so the same accuracy. Legacy (Llama 2): one extra "▁" first."""
+    """Our answer tokens are the joint tokenisation's tail (tracing.prompt_and_answer_ids), as the host's are:
+    the same tokens and predictions, also for a legacy (Llama 2) tokenizer, where tokenising " " + answer
+    alone would add a "▁" token."""
     tok = sentencepiece_tokenizer(legacy)
     model = BUILDERS["llama"]()
     prompt, answer = "The capital of France is", "Paris city"
     (predicted, target), = ModelScorer(model, tok).token_predictions([(prompt, answer)])
     host_target = host_answer_ids(tok, prompt, answer)
     assert tok.convert_ids_to_tokens(host_target) == ["▁Paris", "▁city"]
-    host_predicted = host_predictions(model, tok, prompt, answer)
     if legacy:
-        assert tok.convert_ids_to_tokens(target) == ["▁", "▁Paris", "▁city"]
-        assert target[1:] == host_target and len(host_predicted) == 2 and len(predicted) == 3
-    else:
-        assert target == host_target and predicted == host_predicted
+        assert tok.convert_ids_to_tokens(tok(" " + answer, add_special_tokens=False)["input_ids"])[0] == "▁"
+    assert target == host_target and predicted == host_predictions(model, tok, prompt, answer)
 
 
 # ---------------------------------------------------------------------------- Fluency

@@ -39,14 +39,12 @@ portability probes are left out of Portability). Per-kind figures are reported a
 
 Where the figures match the host's, and where they do not (checked in the parity tests):
 
-- Same tokens: a probe's answer tokens here are ``tok(" " + answer)`` without special tokens
-  appended to ``tok(prompt)``; the host tokenises ``prompt + " " + answer`` in one piece and takes
-  the tokens after ``len(tok(prompt))``. They agree when joint tokenisation splits at the prompt's
-  end: word-level and byte-level BPE tokenizers (GPT-2, GPT-J, Llama 3), and SentencePiece without
-  the legacy prefix. A legacy SentencePiece tokenizer (Llama 2's ``tokenizer.json``: normaliser
-  ``Prepend("▁")`` + ``Replace(" ", "▁")``) encodes ``" Paris"`` as ``["▁", "▁Paris"]`` but the joint
-  text as ``[..., "▁Paris"]`` (the stray token 29871 of Llama 2): here the extra ``"▁"`` token is scored
-  too, and a model seldom predicts it, so the figures differ (lower here).
+- Same tokens: a probe's answer tokens here are those that follow the prompt when ``prompt + " " +
+  answer`` is tokenised in one piece (``tracing.prompt_and_answer_ids``, split at the prompt's last
+  character by the tokens' offsets), as the host takes the tokens after ``len(tok(prompt))`` of the
+  joint text. This also holds for a legacy SentencePiece tokenizer (Llama 2's ``tokenizer.json``:
+  normaliser ``Prepend("▁")`` + ``Replace(" ", "▁")``), which encodes ``" Paris"`` alone as
+  ``["▁", "▁Paris"]`` but the joint text as ``[..., "▁Paris"]``.
 - Same predictions: every probe is scored as if alone (right padding, absolute positions). The host
   scores the probes of one kind as one batch, left-padded (``BaseEditor`` sets
   ``padding_side="left"`` for GPT-2/Llama tokenizers) without ``position_ids``, so a padded row's

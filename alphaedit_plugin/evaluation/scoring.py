@@ -19,7 +19,7 @@ from typing import List, Sequence, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from ..metrics import PAIRS_PER_FORWARD, answer_nll
+from ..metrics import PAIRS_PER_FORWARD, answer_nll, answer_sequences
 from ..tracing import encode, pad_right, pad_token_id
 
 Pair = Tuple[str, str]
@@ -53,12 +53,7 @@ class ModelScorer:
 
     @torch.no_grad()
     def token_predictions(self, pairs: Sequence[Pair]) -> List[Tuple[List[int], List[int]]]:
-        sequences, spans = [], []
-        for prompt, answer in pairs:
-            prompt_ids = encode(self.tok, prompt)
-            answer_ids = encode(self.tok, answer if answer.startswith(" ") else " " + answer, special_tokens=False)
-            sequences.append(prompt_ids + answer_ids)
-            spans.append((len(prompt_ids), answer_ids))
+        sequences, spans = answer_sequences(self.tok, pairs)
         result = []
         for start in range(0, len(sequences), PAIRS_PER_FORWARD):
             chunk = sequences[start:start + PAIRS_PER_FORWARD]
