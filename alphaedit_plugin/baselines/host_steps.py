@@ -39,12 +39,14 @@ import logging
 from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
+from tqdm.auto import tqdm
 
 from ..architectures import ModuleTemplates, get_module, num_layers
 from ..compute_targets import TargetSearchResult
 from ..requests import EditRequest
 
 logger = logging.getLogger(__name__)
+
 
 class HostUnavailableError(ImportError):
     """``memit_steps: easyeditor`` was asked for, but the host package cannot be imported."""
@@ -124,8 +126,6 @@ class EasyEditMEMITSteps:
     """Mixin: an executor's ``compute_targets`` and ``compute_keys`` are the host's. Must come before the
     executor class (``executor_class`` builds the combinations)."""
 
-    steps_source = "easyeditor"
-
     def _host(self, model, templates: ModuleTemplates):
         cached = getattr(self, "_host_hparams", None)
         if cached is None or cached[0] is not model:
@@ -140,7 +140,8 @@ class EasyEditMEMITSteps:
         host = self._host(model, templates)
         values: List[torch.Tensor] = []
         with host_step_call(model, tok, self.hparams.device, label="easyeditor compute_z"):
-            for request in requests:
+            for request in tqdm(requests, desc="easyeditor compute_z", unit="fact", disable=len(requests) < 3,
+                                leave=False):
                 values.append(compute_z_module.compute_z(model, tok, host_request(request), host, value_layer,
                                                          context_templates).detach())
             initial = self._current_values(model, tok, requests, host, value_layer)
