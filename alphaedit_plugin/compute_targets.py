@@ -90,9 +90,27 @@ class _Batch:
         return self.split.forward_inputs() if self.split is not None else self.inputs
 
 
+def _rows_in(previous: _Batch, prompts: List[_FactPrompts], facts: List[int]) -> List[int]:
+    """The rows of ``previous`` that belong to ``facts``, in the order ``_build_batch`` lays them out:
+    every fact's rewrite rows, then one KL row per fact."""
+    first_row, kl_row = {}, {}
+    row = 0
+    old_facts = previous.facts.tolist()
+    for index, fact in enumerate(old_facts):
+        first_row[fact] = row
+        row += len(prompts[fact].rewrite)
+        kl_row[fact] = previous.n_rewrite + index
+    rewrite = [first_row[f] + j for f in facts for j in range(len(prompts[f].rewrite))]
+    return rewrite + [kl_row[f] for f in facts]
+
+
 def _build_batch(model, prompts: List[_FactPrompts], facts: List[int], pad: int, device,
-                 use_prefix_cache: bool) -> _Batch:
-    """Rows of the given facts; positions are in the coordinates of the rows the model will see."""
+                 use_prefix_cache: bool, previous: Optional[_Batch] = None) -> _Batch:
+    """Rows of the given facts; positions are in the coordinates of the rows the model will see.
+
+    With ``previous`` (a batch holding every fact in ``facts``) its prefix split is reused for the
+    remaining rows instead of running the prefixes again.
+    """
     sequences, lookups, owners = [], [], []
     gather_rows, gather_positions, gather_tokens, row_weight, first_rows = [], [], [], [], []
     for fact in facts:
@@ -114,7 +132,9 @@ def _build_batch(model, prompts: List[_FactPrompts], facts: List[int], pad: int,
         lookups.append(prompts[fact].kl_lookup)
         owners.append(fact)
     split = None
-    if use_prefix_cache:
+    if previous is not None and previous.split is not None:
+        split = previous.split.select(_rows_in(previous, prompts, facts))
+    elif use_prefix_cache:
         try:
             split = split_at(model, sequences, lookups, pad, device)
         except (ValueError, TypeError) as error:
@@ -246,7 +266,7 @@ def compute_target_values(
                 delta.mul_(scale[:, None])
             if len(done):  # the converged facts leave the batch
                 batch = _build_batch(model, prompts, torch.nonzero(~frozen).flatten().tolist(), pad, device,
-                                     use_prefix_cache)
+                                     use_prefix_cache, previous=batch)
     finally:
         for p, flag in zip(model.parameters(), grad_flags):
             p.requires_grad_(flag)

@@ -41,6 +41,18 @@ class PrefixSplit:
         return {"input_ids": self.suffix_ids, "attention_mask": self.attention_mask,
                 "position_ids": self.position_ids, self.cache_argument: self.fresh_cache(), "use_cache": True}
 
+    def select(self, rows: Sequence[int]) -> "PrefixSplit":
+        """The split of a subset of the rows (in the order given), without another prefix pass.
+
+        Used when facts leave the target search: their rows are dropped, the others' prefix keys and
+        values are kept. Columns that only the dropped rows needed stay as masked padding.
+        """
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.suffix_ids.device)
+        return PrefixSplit(suffix_ids=self.suffix_ids[index], attention_mask=self.attention_mask[index],
+                           position_ids=self.position_ids[index],
+                           key_values=[(k[index.to(k.device)], v[index.to(v.device)]) for k, v in self.key_values],
+                           as_cache_object=self.as_cache_object, cache_argument=self.cache_argument)
+
     def fresh_cache(self):
         """A new cache holding only the prefixes (the forward pass appends the suffix to it)."""
         if not self.as_cache_object:
@@ -89,8 +101,12 @@ def split_at(model, sequences: Sequence[Sequence[int]], split_points: Sequence[i
     prefix_positions = (prefix_mask.cumsum(dim=1) - 1).clamp_min(0)
     lengths = prefix_mask.sum(dim=1, keepdim=True)
     suffix_positions = lengths + torch.arange(width_s)[None, :]
-    output = model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
-                   position_ids=prefix_positions.to(device), use_cache=True)
+    # The decoder alone (model.model, model.transformer, ...): the keys and values are the same, and the
+    # output head's logits over the whole vocabulary, for every prefix token, are not needed.
+    decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    runner = decoder if isinstance(decoder, torch.nn.Module) else model
+    output = runner(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
+                    position_ids=prefix_positions.to(device), use_cache=True)
     returned = output.get("cache") if "cache" in output else output.get("past_key_values")
     key_values, as_object = _key_value_pairs(returned)
     if not key_values or not all(torch.isfinite(k).all() and torch.isfinite(v).all() for k, v in key_values):

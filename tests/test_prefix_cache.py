@@ -51,3 +51,41 @@ def test_split_runs_only_the_suffix_and_keeps_positions(tokenizer):
 def test_split_without_any_prefix_is_refused():
     with pytest.raises(ValueError, match="no row has a prefix"):
         split_at(BUILDERS["gpt2"](), [[5, 6], [7]], [0, 0], pad=1, device="cpu")
+
+
+def test_selected_rows_give_their_own_full_pass_result(tokenizer):
+    model = BUILDERS["gpt2"]()
+    sequences = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    cuts = [2, 0, 1]
+    split = split_at(model, sequences, cuts, pad=1, device="cpu").select([2, 0])
+    with torch.no_grad():
+        out = model(**split.forward_inputs()).logits
+        for row, original in enumerate([2, 0]):
+            seq = sequences[original]
+            reference = model(input_ids=torch.tensor([seq])).logits[0, -1]
+            assert torch.allclose(out[row, len(seq) - cuts[original] - 1], reference, atol=1e-4), original
+
+
+def test_facts_that_leave_the_search_reuse_the_prefix_pass(arch, tokenizer, monkeypatch):
+    """One prefix pass per search, also when converged facts leave the batch; same result as the full pass."""
+    import alphaedit_plugin.compute_targets as targets
+
+    model = BUILDERS[arch]()
+    hparams = AlphaEditHyperParams(layers=[1, 2], v_num_grad_steps=12, v_lr=0.5, clamp_norm_factor=10,
+                                   v_weight_decay=1e-3)
+    templates = templates_for(model, hparams)
+    requests = normalise_requests(REQUESTS)
+    full = compute_target_values(model, tokenizer, requests, hparams, templates, 2, CONTEXTS, use_prefix_cache=False)
+    # A stopping loss between the facts' losses at the end, so that some facts leave and others stay.
+    losses = sorted(full.final_loss)
+    monkeypatch.setattr(targets, "STOP_LOSS", (losses[0] + losses[-1]) / 2)
+    full = compute_target_values(model, tokenizer, requests, hparams, templates, 2, CONTEXTS, use_prefix_cache=False)
+    calls = []
+    original = targets.split_at
+    monkeypatch.setattr(targets, "split_at", lambda *a, **k: calls.append(1) or original(*a, **k))
+    cached = compute_target_values(model, tokenizer, requests, hparams, templates, 2, CONTEXTS, use_prefix_cache=True)
+    assert len(calls) == 1
+    assert any(loss < targets.STOP_LOSS for loss in full.final_loss)  # some facts left early
+    assert any(loss >= targets.STOP_LOSS for loss in full.final_loss)  # and others stayed
+    assert torch.allclose(cached.values, full.values, rtol=1e-4, atol=1e-4)
+    assert cached.final_loss == pytest.approx(full.final_loss, rel=1e-4, abs=1e-5)
