@@ -55,18 +55,24 @@ def preservation(arch, tok, hparams, before, after):
     return result
 
 
-@pytest.mark.parametrize("method", sorted(CLASSES))
-def test_projected_variant_preserves_k0_and_unprojected_does_not(tmp_path, arch, tokenizer, method):
+def preservation_with_and_without_p(tmp_path, arch, tokenizer, method, **overrides):
+    """{projection: per-layer ‖ΔW·K0‖/‖W·K0‖} after editing FACTS into a fresh model with each variant."""
     ratios = {}
     for projection in (False, True):
         model = BUILDERS[arch]()
-        hparams = baseline_hparams(tmp_path, arch, method, projection)
+        hparams = baseline_hparams(tmp_path, arch, method, projection, **overrides)
         state = make_state(model, tokenizer, hparams, tmp_path)
         before = layer_weights(model, hparams)
         apply_baseline_to_model(model, tokenizer, FACTS, hparams, state=state)
         after = layer_weights(model, hparams)
         assert all((after[l] - before[l]).norm() > 0 for l in hparams.layers)
         ratios[projection] = preservation(arch, tokenizer, hparams, before, after)
+    return ratios
+
+
+@pytest.mark.parametrize("method", sorted(CLASSES))
+def test_projected_variant_preserves_k0_and_unprojected_does_not(tmp_path, arch, tokenizer, method):
+    ratios = preservation_with_and_without_p(tmp_path, arch, tokenizer, method)
     assert max(ratios[True].values()) < 1e-5, ratios
     assert min(ratios[False].values()) > 1e-2, ratios
 
