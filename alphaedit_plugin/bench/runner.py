@@ -324,7 +324,7 @@ class BenchmarkRunner:
                     bar.update(len(batch))
                     edited = min((t + 1) * cfg.batch_size, len(self.cases))
                     bar.set_postfix(batch=f"{t + 1}/{self.batches}",
-                                    s_per_edit=f"{progress['edit_seconds'] / max(1, edited - done_edits):.2f}")
+                                    s_per_edit=f"{progress['edit_seconds'] / max(1, edited):.2f}")  # all batches
                     if cfg.eval_every and (t + 1) % cfg.eval_every == 0 and t + 1 < self.batches:
                         point = {"edits": edited,
                                  "metrics": self._evaluate(self.cases[:edited], reference["reference"][:edited],
