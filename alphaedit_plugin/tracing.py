@@ -39,9 +39,12 @@ def prompt_and_answer_ids(tok, prompt: str, answer: str) -> Tuple[List[int], Lis
     separate tokenisation is used.
     """
     answer = answer if answer.startswith(" ") else " " + answer
-    separate = encode(tok, prompt), encode(tok, answer, special_tokens=False)
+
+    def separate() -> Tuple[List[int], List[int]]:
+        return encode(tok, prompt), encode(tok, answer, special_tokens=False)
+
     if not getattr(tok, "is_fast", False):
-        return separate
+        return separate()
     joint = tok(prompt + answer, return_offsets_mapping=True, return_special_tokens_mask=True)
     boundary = len(prompt)
     prompt_ids: List[int] = []
@@ -56,8 +59,8 @@ def prompt_and_answer_ids(tok, prompt: str, answer: str) -> Tuple[List[int], Lis
         elif start >= boundary:
             answer_ids.append(token)
         else:
-            return separate  # a token spans the boundary: no clean split
-    return (prompt_ids, answer_ids) if answer_ids else separate
+            return separate()  # a token spans the boundary: no clean split
+    return (prompt_ids, answer_ids) if answer_ids else separate()
 
 
 def subject_token_index(tok, prompt_template: str, subject: str, strategy: str) -> Tuple[List[int], int]:
