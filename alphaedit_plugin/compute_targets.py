@@ -12,6 +12,11 @@ losses are summed, so each δ receives exactly the gradient it would receive
 alone (its prompts are independent rows), Adam is element-wise, and facts
 that reach the stopping loss are frozen, so the result matches the
 one-fact-at-a-time search up to floating-point summation order.
+
+The same independence lets a large batch be searched in chunks: the padded
+tokens of one pass are kept under ``TOKENS_PER_PASS``, which bounds the
+activation memory of the backward pass (long prompts and targets, such as
+KnowEdit's WikiBio passages, otherwise need tens of GB for a batch of 20).
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 STOP_LOSS = 5e-2
 KL_PROMPT = "{} is a"
+# Padded tokens (rows x longest row) per forward/backward pass of the search. On SmolLM2-135M in fp32 one
+# token costs about 1.2 MB of activations, so a pass stays near 10 GB; batches over it are searched in chunks.
+TOKENS_PER_PASS = 8192
 
 
 @dataclass
@@ -65,6 +73,24 @@ def _fact_prompts(tok, request: EditRequest, index: int, contexts: List[str], fa
         lookups.append(position)
     kl_ids, kl_lookup = subject_token_index(tok, KL_PROMPT, request.subject, fact_token)
     return _FactPrompts(rewrite, lookups, target_ids, kl_ids, kl_lookup)
+
+
+def chunk_by_tokens(prompts: Sequence[_FactPrompts], budget: int) -> List[List[int]]:
+    """Consecutive groups of fact indices whose padded rows (rewrite and KL) fit ``budget`` tokens each;
+    a fact over the budget on its own gets a group to itself."""
+    groups: List[List[int]] = []
+    current: List[int] = []
+    rows = width = 0
+    for index, fact in enumerate(prompts):
+        sequences = fact.rewrite + [fact.kl]
+        grown_rows, grown_width = rows + len(sequences), max(width, max(len(s) for s in sequences))
+        if current and grown_rows * grown_width > budget:
+            groups.append(current)
+            current, grown_rows, grown_width = [], len(sequences), max(len(s) for s in sequences)
+        current.append(index)
+        rows, width = grown_rows, grown_width
+    groups.append(current)
+    return groups
 
 
 @dataclass
@@ -169,6 +195,7 @@ def compute_target_values(
     layer: int,
     context_templates: List[List[str]],
     use_prefix_cache: bool = True,
+    tokens_per_pass: Optional[int] = None,
 ) -> TargetSearchResult:
     """Search the target hidden states at block ``layer`` for all ``requests`` at once.
 
@@ -176,11 +203,34 @@ def compute_target_values(
     batch, so later steps only pay for the facts still being optimised. With
     ``use_prefix_cache`` the tokens before each subject are run once per
     batch (see prefix_cache.py); the result is the same up to float rounding.
+    Batches over ``tokens_per_pass`` padded tokens (default ``TOKENS_PER_PASS``)
+    are searched chunk by chunk, with the same result up to float rounding.
     """
     contexts = flatten(context_templates)
-    rows_per_fact = len(contexts)
-    n_facts = len(requests)
     prompts = [_fact_prompts(tok, r, i, contexts, hparams.fact_token) for i, r in enumerate(requests)]
+    groups = chunk_by_tokens(prompts, TOKENS_PER_PASS if tokens_per_pass is None else tokens_per_pass)
+    if len(groups) == 1:
+        return _search(model, tok, prompts, hparams, templates, layer, len(contexts), use_prefix_cache)
+    logger.info("target search: %d facts in %d chunks of at most %d padded tokens", len(prompts), len(groups),
+                TOKENS_PER_PASS if tokens_per_pass is None else tokens_per_pass)
+    results = [_search(model, tok, [prompts[i] for i in group], hparams, templates, layer, len(contexts),
+                       use_prefix_cache) for group in groups]
+    return _concatenate(results)
+
+
+def _concatenate(results: Sequence[TargetSearchResult]) -> TargetSearchResult:
+    return TargetSearchResult(
+        values=torch.cat([r.values for r in results]),
+        initial=torch.cat([r.initial for r in results]),
+        final_loss=[v for r in results for v in r.final_loss],
+        target_probability=[v for r in results for v in r.target_probability],
+        steps=max(r.steps for r in results),
+    )
+
+
+def _search(model, tok, prompts: Sequence[_FactPrompts], hparams, templates: ModuleTemplates, layer: int,
+            rows_per_fact: int, use_prefix_cache: bool) -> TargetSearchResult:
+    n_facts = len(prompts)
     device = next(model.parameters()).device
     pad = pad_token_id(tok)
 
@@ -286,13 +336,6 @@ def compute_target_values(
 def compute_target_values_one_by_one(model, tok, requests, hparams, templates, layer, context_templates,
                                      use_prefix_cache: bool = True) -> TargetSearchResult:
     """The same search run fact by fact (the reference the batched search is measured against)."""
-    results = [compute_target_values(model, tok, [request], hparams, templates, layer, context_templates,
-                                     use_prefix_cache=use_prefix_cache)
-               for request in requests]
-    return TargetSearchResult(
-        values=torch.cat([r.values for r in results]),
-        initial=torch.cat([r.initial for r in results]),
-        final_loss=[v for r in results for v in r.final_loss],
-        target_probability=[v for r in results for v in r.target_probability],
-        steps=max(r.steps for r in results),
-    )
+    return _concatenate([compute_target_values(model, tok, [request], hparams, templates, layer, context_templates,
+                                               use_prefix_cache=use_prefix_cache)
+                         for request in requests])

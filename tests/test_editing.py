@@ -218,6 +218,29 @@ def test_batched_target_search_equals_one_by_one(exact, tokenizer, monkeypatch, 
     assert batched.target_probability == pytest.approx(single.target_probability, rel=1e-4, abs=1e-5)
 
 
+def test_target_search_in_token_chunks_equals_one_pass(exact, tokenizer):
+    """A batch over the token budget is searched chunk by chunk (bounded memory) with the same result."""
+    model, hparams, state = exact
+    requests = normalise_requests(FACTS)
+    templates = templates_for(model, hparams)
+    layer = hparams.layers[-1]
+    prompts = [compute_targets._fact_prompts(tokenizer, r, i, compute_targets.flatten(state.context_templates),
+                                             hparams.fact_token) for i, r in enumerate(requests)]
+    one_fact = max(len(p.rewrite) + 1 for p in prompts) * max(len(s) for p in prompts for s in p.rewrite + [p.kl])
+    groups = compute_targets.chunk_by_tokens(prompts, budget=one_fact)
+    assert sorted(i for g in groups for i in g) == [0, 1, 2] and len(groups) == 3
+    assert compute_targets.chunk_by_tokens(prompts, budget=10 ** 9) == [[0, 1, 2]]
+    assert compute_targets.chunk_by_tokens(prompts, budget=1) == [[0], [1], [2]]  # a fact over budget stays whole
+    whole = compute_targets.compute_target_values(model, tokenizer, requests, hparams, templates, layer,
+                                                  state.context_templates, tokens_per_pass=10 ** 9)
+    chunked = compute_targets.compute_target_values(model, tokenizer, requests, hparams, templates, layer,
+                                                    state.context_templates, tokens_per_pass=one_fact)
+    assert (whole.values - whole.initial).norm() > 1.0
+    assert torch.allclose(chunked.initial, whole.initial, rtol=1e-5, atol=1e-5)
+    assert (chunked.values - whole.values).norm(dim=1).max() <= 1e-4 * whole.values.norm(dim=1).min()
+    assert chunked.final_loss == pytest.approx(whole.final_loss, rel=1e-4, abs=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # execute / apply contract
 # ---------------------------------------------------------------------------
