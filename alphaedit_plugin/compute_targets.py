@@ -83,10 +83,11 @@ def chunk_by_tokens(prompts: Sequence[_FactPrompts], budget: int) -> List[List[i
     rows = width = 0
     for index, fact in enumerate(prompts):
         sequences = fact.rewrite + [fact.kl]
-        grown_rows, grown_width = rows + len(sequences), max(width, max(len(s) for s in sequences))
+        fact_width = max(len(s) for s in sequences)
+        grown_rows, grown_width = rows + len(sequences), max(width, fact_width)
         if current and grown_rows * grown_width > budget:
             groups.append(current)
-            current, grown_rows, grown_width = [], len(sequences), max(len(s) for s in sequences)
+            current, grown_rows, grown_width = [], len(sequences), fact_width
         current.append(index)
         rows, width = grown_rows, grown_width
     groups.append(current)
@@ -208,11 +209,11 @@ def compute_target_values(
     """
     contexts = flatten(context_templates)
     prompts = [_fact_prompts(tok, r, i, contexts, hparams.fact_token) for i, r in enumerate(requests)]
-    groups = chunk_by_tokens(prompts, TOKENS_PER_PASS if tokens_per_pass is None else tokens_per_pass)
+    budget = TOKENS_PER_PASS if tokens_per_pass is None else tokens_per_pass
+    groups = chunk_by_tokens(prompts, budget)
     if len(groups) == 1:
         return _search(model, tok, prompts, hparams, templates, layer, len(contexts), use_prefix_cache)
-    logger.info("target search: %d facts in %d chunks of at most %d padded tokens", len(prompts), len(groups),
-                TOKENS_PER_PASS if tokens_per_pass is None else tokens_per_pass)
+    logger.info("target search: %d facts in %d chunks of at most %d padded tokens", len(prompts), len(groups), budget)
     results = [_search(model, tok, [prompts[i] for i in group], hparams, templates, layer, len(contexts),
                        use_prefix_cache) for group in groups]
     return _concatenate(results)
