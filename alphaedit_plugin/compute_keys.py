@@ -22,7 +22,7 @@ PROMPTS_PER_FORWARD = 64
 
 
 @torch.no_grad()
-def compute_keys_and_values(
+def compute_keys_and_current_values(
     model,
     tok,
     requests: Sequence[EditRequest],

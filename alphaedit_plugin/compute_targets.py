@@ -21,9 +21,11 @@ KnowEdit's WikiBio passages, otherwise need tens of GB for a batch of 20).
 
 from __future__ import annotations
 
+import functools
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -51,6 +53,9 @@ class TargetSearchResult:
     steps: int
 
 
+# ---------------------------------------------------------------------------
+# The prompt layout: the token rows of each fact
+# ---------------------------------------------------------------------------
 @dataclass
 class _FactPrompts:
     """The token sequences of one fact: one per context prefix, then its KL prompt."""
@@ -94,6 +99,9 @@ def chunk_by_tokens(prompts: Sequence[_FactPrompts], budget: int) -> List[List[i
     return groups
 
 
+# ---------------------------------------------------------------------------
+# The batch layout: the rows of the facts still searched, padded, with the indices the loss needs
+# ---------------------------------------------------------------------------
 @dataclass
 class _Batch:
     """Padded inputs for a subset of facts, with the indices the loss needs."""
@@ -229,109 +237,149 @@ def _concatenate(results: Sequence[TargetSearchResult]) -> TargetSearchResult:
     )
 
 
-def _search(model, tok, prompts: Sequence[_FactPrompts], hparams, templates: ModuleTemplates, layer: int,
-            rows_per_fact: int, use_prefix_cache: bool) -> TargetSearchResult:
-    n_facts = len(prompts)
-    device = next(model.parameters()).device
-    pad = pad_token_id(tok)
+# ---------------------------------------------------------------------------
+# The optimisation loop
+# ---------------------------------------------------------------------------
+@dataclass
+class _Readout:
+    """Where δ goes in and where the loss is read: block ``layer``'s output, then block ``loss_layer``'s
+    output through the final norm and the head."""
 
-    loss_layer = hparams.v_loss_layer if hparams.v_loss_layer >= 0 else num_layers(model) + hparams.v_loss_layer
-    loss_layer = max(loss_layer, layer)
-    edit_name = templates.layer_module_tmp.format(layer)
-    readout_name = templates.layer_module_tmp.format(loss_layer)
-    final_norm = get_module(model, templates.ln_f_module)
-    lm_head = get_module(model, templates.lm_head_module)
-    get_module(model, edit_name)  # fails early, naming the module, if the template matches nothing
+    edit_name: str
+    readout_name: str
+    final_norm: torch.nn.Module
+    lm_head: torch.nn.Module
 
-    delta = torch.zeros((n_facts, model.config.hidden_size), device=device, dtype=torch.float32, requires_grad=True)
-    optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
-    frozen = torch.zeros(n_facts, dtype=torch.bool, device=device)
-    frozen_delta = torch.zeros_like(delta)
-    initial = torch.zeros((n_facts, model.config.hidden_size), device=device)
-    initial_kl: torch.Tensor = None  # type: ignore[assignment]  # (n_facts, vocab), from the first step
-    losses = torch.zeros(n_facts)
-    probabilities = torch.zeros(n_facts)
-    first_step = True
+    @classmethod
+    def of(cls, model, hparams, templates: ModuleTemplates, layer: int) -> "_Readout":
+        loss_layer = hparams.v_loss_layer if hparams.v_loss_layer >= 0 else num_layers(model) + hparams.v_loss_layer
+        loss_layer = max(loss_layer, layer)
+        edit_name = templates.layer_module_tmp.format(layer)
+        get_module(model, edit_name)  # fails early, naming the module, if the template matches nothing
+        return cls(edit_name=edit_name, readout_name=templates.layer_module_tmp.format(loss_layer),
+                   final_norm=get_module(model, templates.ln_f_module),
+                   lm_head=get_module(model, templates.lm_head_module))
 
-    def add_delta(hidden: torch.Tensor) -> torch.Tensor:
-        if first_step:
-            initial[batch.facts] = hidden[batch.first_rows, batch.edit_positions[batch.first_rows]].detach().float()
+    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.lm_head(self.final_norm(hidden)).float(), dim=-1)
+
+
+class _DeltaSearch:
+    """The δ of every fact of one search, its Adam optimiser and what the search has learnt so far."""
+
+    def __init__(self, n_facts: int, hidden_size: int, device, hparams):
+        self.hparams = hparams
+        self.delta = torch.zeros((n_facts, hidden_size), device=device, dtype=torch.float32, requires_grad=True)
+        self.optimizer = torch.optim.Adam([self.delta], lr=hparams.v_lr)
+        self.frozen = torch.zeros(n_facts, dtype=torch.bool, device=device)
+        self.frozen_delta = torch.zeros_like(self.delta)
+        self.initial = torch.zeros((n_facts, hidden_size), device=device)  # h at the subject token, before δ
+        self.initial_kl: Optional[torch.Tensor] = None  # (n_facts, vocab) log-probabilities, from the first step
+        self.losses = torch.zeros(n_facts)
+        self.probabilities = torch.zeros(n_facts)
+
+    def add_delta(self, batch: _Batch, record_initial: bool, hidden: torch.Tensor) -> torch.Tensor:
+        """The edited layer's output with each row's fact's δ added at its subject token."""
+        if record_initial:
+            self.initial[batch.facts] = hidden[batch.first_rows, batch.edit_positions[batch.first_rows]].detach().float()
         hidden = hidden.clone()
         rows, positions = batch.edit_rows, batch.edit_positions
-        hidden[rows, positions] = hidden[rows, positions] + delta[batch.edit_owner].to(hidden.dtype)
+        hidden[rows, positions] = hidden[rows, positions] + self.delta[batch.edit_owner].to(hidden.dtype)
         return hidden
 
+    def loss(self, batch: _Batch, readout: torch.Tensor, heads: _Readout, rows_per_fact: int) -> torch.Tensor:
+        """Per active fact: −mean log P(target) + kl_factor · KL + v_weight_decay · ‖δ‖/‖h‖²."""
+        hparams, active = self.hparams, batch.facts
+        token_log_probs = heads.log_probs(readout[batch.gather_rows, batch.gather_positions]).gather(
+            1, batch.gather_tokens[:, None]).squeeze(1)
+        device = token_log_probs.device
+        row_log_prob = torch.zeros(batch.n_rewrite, device=device).index_add(0, batch.gather_rows, token_log_probs)
+        mean_log_prob = (row_log_prob * batch.row_weight).view(len(active), rows_per_fact).mean(dim=1)
+
+        kl_log_probs = heads.log_probs(readout[batch.kl_rows, batch.kl_positions])
+        if self.initial_kl is None:
+            self.initial_kl = kl_log_probs.detach().clone()
+        # KL(current || initial), as MEMIT's kl_div(initial, current, log_target=True).
+        kl = (kl_log_probs.exp() * (kl_log_probs - self.initial_kl[active])).sum(dim=1)
+
+        decay = self.delta[active].norm(dim=1) / self.initial[active].norm(dim=1) ** 2
+        loss = -mean_log_prob + hparams.kl_factor * kl + hparams.v_weight_decay * decay
+        self.losses[active.cpu()] = loss.detach().cpu()
+        self.probabilities[active.cpu()] = mean_log_prob.detach().exp().cpu()
+        return loss
+
+    def freeze_converged(self, batch: _Batch, loss: torch.Tensor) -> torch.Tensor:
+        """Freeze the facts whose loss fell below the stopping value; returns them."""
+        done = batch.facts[loss.detach() < STOP_LOSS]
+        if len(done):
+            self.frozen_delta[done] = self.delta.detach()[done]
+            self.frozen[done] = True
+        return done
+
+    def step(self, batch: _Batch, loss: torch.Tensor) -> None:
+        """One Adam step on the facts still searched, then δ of frozen facts put back and ‖δ‖ clamped."""
+        loss[~self.frozen[batch.facts]].sum().backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            self.delta[self.frozen] = self.frozen_delta[self.frozen]
+            max_norm = self.hparams.clamp_norm_factor * self.initial.norm(dim=1)
+            norms = self.delta.norm(dim=1)
+            scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
+            self.delta.mul_(scale[:, None])
+
+    def result(self, steps: int) -> TargetSearchResult:
+        with torch.no_grad():
+            delta = torch.where(self.frozen[:, None], self.frozen_delta, self.delta.detach())
+        return TargetSearchResult(values=self.initial + delta, initial=self.initial.clone(),
+                                  final_loss=self.losses.tolist(), target_probability=self.probabilities.tolist(),
+                                  steps=steps)
+
+
+@contextmanager
+def _search_mode(model) -> Iterator[None]:
+    """Eval mode and no parameter gradients during the search (only δ is optimised); put back afterwards."""
     grad_flags = [p.requires_grad for p in model.parameters()]
     was_training = model.training
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    step = 0
     try:
-        batch = _build_batch(model, prompts, list(range(n_facts)), pad, device, use_prefix_cache)
-        for step in range(hparams.v_num_grad_steps):
-            optimizer.zero_grad()
-            # Hooks only around the step's own pass: the prefix pass of a rebuilt batch runs without them.
-            with edit_output(model, edit_name, add_delta), capture_outputs(model, [readout_name]) as outputs, \
-                    stop_after(model, readout_name) as run:
-                run(**batch.forward_inputs())
-            readout = outputs[readout_name]
-            active = batch.facts
-            k = len(active)
-
-            target_hidden = final_norm(readout[batch.gather_rows, batch.gather_positions])
-            token_log_probs = torch.log_softmax(lm_head(target_hidden).float(), dim=-1).gather(
-                1, batch.gather_tokens[:, None]).squeeze(1)
-            row_log_prob = torch.zeros(batch.n_rewrite, device=device).index_add(0, batch.gather_rows, token_log_probs)
-            mean_log_prob = (row_log_prob * batch.row_weight).view(k, rows_per_fact).mean(dim=1)
-
-            kl_hidden = final_norm(readout[batch.kl_rows, batch.kl_positions])
-            kl_log_probs = torch.log_softmax(lm_head(kl_hidden).float(), dim=-1)
-            if initial_kl is None:
-                initial_kl = kl_log_probs.detach().clone()
-            # KL(current || initial), as MEMIT's kl_div(initial, current, log_target=True).
-            kl = (kl_log_probs.exp() * (kl_log_probs - initial_kl[active])).sum(dim=1)
-
-            decay = delta[active].norm(dim=1) / initial[active].norm(dim=1) ** 2
-            loss = -mean_log_prob + hparams.kl_factor * kl + hparams.v_weight_decay * decay
-            if not torch.isfinite(loss).all():
-                raise FloatingPointError(f"target search produced a non-finite loss at step {step}")
-            losses[active.cpu()] = loss.detach().cpu()
-            probabilities[active.cpu()] = mean_log_prob.detach().exp().cpu()
-            logger.debug("target search step %d: losses %s", step, [round(v, 3) for v in losses.tolist()])
-            first_step = False
-
-            done = active[loss.detach() < STOP_LOSS]
-            if len(done):
-                frozen_delta[done] = delta.detach()[done]
-                frozen[done] = True
-            if bool(frozen.all()) or step == hparams.v_num_grad_steps - 1:
-                break
-            loss[~frozen[active]].sum().backward()
-            optimizer.step()
-            with torch.no_grad():
-                delta[frozen] = frozen_delta[frozen]
-                max_norm = hparams.clamp_norm_factor * initial.norm(dim=1)
-                norms = delta.norm(dim=1)
-                scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
-                delta.mul_(scale[:, None])
-            if len(done):  # the converged facts leave the batch
-                batch = _build_batch(model, prompts, torch.nonzero(~frozen).flatten().tolist(), pad, device,
-                                     use_prefix_cache, previous=batch)
+        yield
     finally:
         for p, flag in zip(model.parameters(), grad_flags):
             p.requires_grad_(flag)
         model.train(was_training)
 
-    with torch.no_grad():
-        delta_final = torch.where(frozen[:, None], frozen_delta, delta.detach())
-    return TargetSearchResult(
-        values=initial + delta_final,
-        initial=initial.clone(),
-        final_loss=losses.tolist(),
-        target_probability=probabilities.tolist(),
-        steps=step + 1,
-    )
+
+def _search(model, tok, prompts: Sequence[_FactPrompts], hparams, templates: ModuleTemplates, layer: int,
+            rows_per_fact: int, use_prefix_cache: bool) -> TargetSearchResult:
+    """Optimise one δ per fact at block ``layer``; converged facts are frozen and leave the batch."""
+    device = next(model.parameters()).device
+    pad = pad_token_id(tok)
+    heads = _Readout.of(model, hparams, templates, layer)
+    search = _DeltaSearch(len(prompts), model.config.hidden_size, device, hparams)
+    step = 0
+    with _search_mode(model):
+        batch = _build_batch(model, prompts, list(range(len(prompts))), pad, device, use_prefix_cache)
+        for step in range(hparams.v_num_grad_steps):
+            search.optimizer.zero_grad()
+            # Hooks only around the step's own pass: the prefix pass of a rebuilt batch runs without them.
+            with edit_output(model, heads.edit_name, functools.partial(search.add_delta, batch, step == 0)), \
+                    capture_outputs(model, [heads.readout_name]) as outputs, \
+                    stop_after(model, heads.readout_name) as run:
+                run(**batch.forward_inputs())
+            loss = search.loss(batch, outputs[heads.readout_name], heads, rows_per_fact)
+            if not torch.isfinite(loss).all():
+                raise FloatingPointError(f"target search produced a non-finite loss at step {step}")
+            logger.debug("target search step %d: losses %s", step, [round(v, 3) for v in search.losses.tolist()])
+            done = search.freeze_converged(batch, loss)
+            if bool(search.frozen.all()) or step == hparams.v_num_grad_steps - 1:
+                break
+            search.step(batch, loss)
+            if len(done):  # the converged facts leave the batch
+                batch = _build_batch(model, prompts, torch.nonzero(~search.frozen).flatten().tolist(), pad, device,
+                                     use_prefix_cache, previous=batch)
+    return search.result(steps=step + 1)
 
 
 def compute_target_values_one_by_one(model, tok, requests, hparams, templates, layer, context_templates,

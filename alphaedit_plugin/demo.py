@@ -18,8 +18,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from .alphaedit_main import apply_alphaedit_to_model, create_state
-from .hparams import AlphaEditHyperParams
+from .edit_loop import create_state
+from .methods.alphaedit import AlphaEditHyperParams, apply_alphaedit_to_model
 from .models import load_smollm2
 
 logger = logging.getLogger("alphaedit_plugin.demo")

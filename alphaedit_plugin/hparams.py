@@ -1,10 +1,18 @@
-"""Hyperparameters of AlphaEdit, read from EasyEdit-style yaml files.
+"""The hyperparameters every method shares, and the one yaml reader.
 
-The method's fields (what the paper tunes) are kept apart from the run-time
-settings (where the model lives, which device, where caches go). Both are
-plain dataclass fields so that EasyEdit's ``BaseEditor`` and its evaluators,
-which read attributes such as ``alg_name``, ``model_name``, ``device`` and
-``model_parallel`` off the object, find what they expect.
+:class:`EditHyperParams` holds what the locate-then-edit family has in
+common: the edited layers, the target search, the statistics corpus, the
+null-space threshold, module templates and the run-time settings. Each
+method's own class (``methods/<name>/hparams.py``) extends it with its
+fields and its ``ALG_NAME``. The method's fields (what the papers tune) are
+kept apart from the run-time settings (where the model lives, which device,
+where caches go). Both are plain dataclass fields so that EasyEdit's
+``BaseEditor`` and its evaluators, which read attributes such as
+``alg_name``, ``model_name``, ``device`` and ``model_parallel`` off the
+object, find what they expect.
+
+:func:`read_yaml` is the one reader of EasyEdit-style yaml files; the
+registry's ``load_hparams`` uses it to pick the class by ``alg_name``.
 """
 
 from __future__ import annotations
@@ -13,11 +21,10 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, List, Optional, Union
+from typing import Any, ClassVar, List, Optional, Tuple, Union
 
 import yaml
 
-ALG_NAME = "AlphaEdit"
 FACT_TOKEN_STRATEGIES = ("subject_last", "subject_first", "last")
 MOM2_DTYPES = ("float32", "float64")
 LAYER_SELECTIONS = ("all",)
@@ -28,15 +35,15 @@ def _help(text: str, **kwargs: Any) -> Any:
 
 
 @dataclass
-class AlphaEditHyperParams:
-    """Everything AlphaEdit needs to edit one model.
+class EditHyperParams:
+    """What every method of the MEMIT family needs to edit one model (not used directly).
 
-    Method fields follow the paper (Fang et al., ICLR 2025) and the MEMIT
-    lineage it builds on; run-time fields say where things happen.
-    Subclasses for other methods set ``ALG_NAME`` (and the ``alg_name`` default).
+    Method fields follow AlphaEdit (Fang et al., ICLR 2025) and the MEMIT
+    lineage it builds on; run-time fields say where things happen. Each
+    method's class sets ``ALG_NAME`` and the ``alg_name`` default.
     """
 
-    ALG_NAME: ClassVar[str] = ALG_NAME
+    ALG_NAME: ClassVar[str] = ""
 
     # ---- the method -----------------------------------------------------
     layers: List[int] = _help("Indices of the transformer blocks whose MLP output projection is edited.")
@@ -78,7 +85,7 @@ class AlphaEditHyperParams:
     lm_head_module: Optional[str] = _help("Language-model head.", default=None)
 
     # ---- run time -------------------------------------------------------
-    alg_name: str = _help("Must be AlphaEdit.", default=ALG_NAME)
+    alg_name: str = _help("The method's name (its class's ALG_NAME).", default="")
     model_name: Any = _help("Model path or id, or a (model, tokenizer) pair.", default=None)
     device: Union[int, str] = _help("cpu, cuda, cuda:N or an int N (EasyEdit style, meaning cuda:N).", default="cpu")
     stats_dir: Optional[str] = _help(
@@ -86,11 +93,13 @@ class AlphaEditHyperParams:
     )
     batch_size: int = _help("Requests per chunk in EasyEdit's batch_edit (its edit() needs 1).", default=1)
     max_length: int = _help("Maximum generation length used by EasyEdit evaluators.", default=40)
-    model_parallel: bool = _help("Kept for EasyEdit compatibility; AlphaEdit runs on one device.", default=False)
+    model_parallel: bool = _help("Kept for EasyEdit compatibility; the edit runs on the model's device.", default=False)
     seed: int = _help("Seed for context-template sampling and self-corpus generation.", default=0)
     # Fields EasyEdit reads off MEMIT-style hparams; kept so its code paths find them.
-    mom2_adjustment: bool = _help("Unused by AlphaEdit (MEMIT compatibility).", default=True)
-    mom2_update_weight: float = _help("Unused by AlphaEdit (MEMIT compatibility).", default=15000)
+    mom2_adjustment: bool = _help("Unused (EasyEdit's MEMIT-style yaml files carry it).", default=True)
+    mom2_update_weight: float = _help(
+        "λ of MEMIT's λ·C0 prior (C0: count-normalised K0K0ᵀ); used only by methods whose solve has that term.",
+        default=15000)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -138,20 +147,12 @@ class AlphaEditHyperParams:
     # ------------------------------------------------------------------
     @classmethod
     def from_hparams(cls, path: Union[str, os.PathLike]):
-        """Read an EasyEdit-style yaml file (``alg_name: AlphaEdit`` for this class).
+        """Read an EasyEdit-style yaml file (its ``alg_name`` must be this class's ``ALG_NAME``).
 
         As EasyEdit does, a path without ``.yaml`` gets the suffix added.
         """
-        path = Path(path)
-        if path.suffix not in (".yaml", ".yml"):
-            path = path.with_name(path.name + ".yaml")
-        if not path.is_file():
-            raise FileNotFoundError(f"hparams file not found: {path}")
-        with open(path, "r", encoding="utf-8") as stream:
-            config = yaml.safe_load(stream)
-        if not isinstance(config, dict):
-            raise ValueError(f"{path}: expected a mapping of hparams fields, got {type(config).__name__}")
-        return cls.from_dict(config, source=str(path))
+        config, source = read_yaml(path)
+        return cls.from_dict(config, source=source)
 
     @classmethod
     def from_dict(cls, config: dict, source: str = "hparams"):
@@ -181,11 +182,32 @@ class AlphaEditHyperParams:
             return f"cuda:{self.device}"
         return str(self.device)
 
+    @property
+    def label(self) -> str:
+        """How tables and logs name the method (a variant's class adds its suffix, e.g. ``MEMIT+P``)."""
+        return self.alg_name
+
+    RUNTIME_FIELDS: ClassVar[Tuple[str, ...]] = (
+        "alg_name", "model_name", "device", "stats_dir", "batch_size", "max_length", "model_parallel",
+        "mom2_adjustment", "mom2_update_weight")
+
     def method_fields(self) -> dict:
-        """The fields that change what an edit computes (used in cache keys and logs)."""
-        runtime = {"alg_name", "model_name", "device", "stats_dir", "batch_size", "max_length", "model_parallel",
-                   "mom2_adjustment", "mom2_update_weight"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in runtime}
+        """The fields that change what an edit computes (recorded in results and logs)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUNTIME_FIELDS}
+
+
+def read_yaml(path: Union[str, os.PathLike]) -> Tuple[dict, str]:
+    """``(fields, source)`` of an EasyEdit-style yaml file; as EasyEdit does, ``.yaml`` is added if missing."""
+    path = Path(path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = path.with_name(path.name + ".yaml")
+    if not path.is_file():
+        raise FileNotFoundError(f"hparams file not found: {path}")
+    with open(path, "r", encoding="utf-8") as stream:
+        config = yaml.safe_load(stream)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a mapping of hparams fields, got {type(config).__name__}")
+    return config, str(path)
 
 
 def _coerce_number(value: Any) -> Any:
@@ -200,7 +222,7 @@ def _coerce_number(value: Any) -> Any:
     return value
 
 
-def _require(hp: AlphaEditHyperParams, name: str, kind: type, ok, expected: str) -> None:
+def _require(hp: EditHyperParams, name: str, kind: type, ok, expected: str) -> None:
     value = getattr(hp, name)
     if isinstance(value, bool):
         raise ValueError(f"{name} must be {expected}, got {value!r}")

@@ -1,9 +1,24 @@
-"""The sequential-editing state: what AlphaEdit carries from one edit to the next.
+"""The editing state: what every method carries from one edit to the next, and the only thing that changes it.
 
-Holds, per edited layer, the null-space projector P, the running sum of
-earlier edits' key products Kp Kpᵀ and a held-out key sample for the
-preservation figure; the context prefixes; and an edit log. No module-level
-globals: a user (or the EasyEdit adapter) owns one state per model.
+One :class:`EditingState` per model and setting (method, layers, corpus,
+threshold, ...) holds, per edited layer:
+
+- the null-space projector P and a held-out key sample for the preservation
+  figure ‖ΔW·K0‖/‖W·K0‖ (``null_spaces``);
+- ``earlier_keys_kkt_sum``: Σ k kᵀ over every key of the edits committed so
+  far, unnormalised (the paper's Kp Kpᵀ);
+- ``second_moments``: C0 = K0K0ᵀ/N, for methods whose solve has MEMIT's λ·C0
+  prior (empty otherwise);
+- ``reference_tensors`` and ``running_sums``: what a method keeps besides
+  (PRUNE: the original weights and the unrestrained sum of its updates);
+
+plus the context prefixes and the edit log. No module-level globals: a user
+(or the EasyEdit adapter) owns one state per model. Only :meth:`commit`,
+:meth:`undo_last` and :meth:`reset` change what edits leave behind.
+
+One file format for every method (:meth:`save`/:meth:`load`, format 2);
+format-1 files (``AlphaEditState.save`` and ``BaselineState.save`` of
+earlier versions) still load.
 """
 
 from __future__ import annotations
@@ -11,19 +26,18 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 
-from .nullspace import LayerNullSpace
+from .errors import ProjectorMismatchError, StateMismatchError
+from .layer_statistics import LayerNullSpace
 
 logger = logging.getLogger(__name__)
 
-STATE_FORMAT = 1
-
-
-class StateMismatchError(ValueError):
-    pass
+STATE_FORMAT = 2
+LEGACY_FORMAT = 1
+_KIND = "EditingState"
 
 
 @dataclass
@@ -38,19 +52,35 @@ class EditRecord:
 
 
 @dataclass
-class AlphaEditState:
+class _Undo:
+    """What the last commit replaced: the tensors as they were, and the log length."""
+
+    earlier_keys_kkt_sum: Dict[int, torch.Tensor]
+    running_sums: Dict[str, Dict[int, torch.Tensor]]
+    log_length: int
+
+
+TensorsByLayer = Dict[int, torch.Tensor]
+
+
+@dataclass
+class EditingState:
     identity: Dict[str, Any]
     null_spaces: Dict[int, LayerNullSpace]
     context_templates: List[List[str]]
-    previous_keys_cov: Dict[int, torch.Tensor] = field(default_factory=dict)
+    earlier_keys_kkt_sum: TensorsByLayer = field(default_factory=dict)
+    second_moments: TensorsByLayer = field(default_factory=dict)  # (d_in, d_in) float64, count-normalised
+    reference_tensors: Dict[str, TensorsByLayer] = field(default_factory=dict)
+    running_sums: Dict[str, TensorsByLayer] = field(default_factory=dict)
     edit_log: List[EditRecord] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for layer, space in self.null_spaces.items():
-            if layer not in self.previous_keys_cov:
+            if layer not in self.earlier_keys_kkt_sum:
                 d_in = space.projector.shape[0]
-                self.previous_keys_cov[layer] = torch.zeros(d_in, d_in, dtype=torch.float32,
-                                                            device=space.projector.device)
+                self.earlier_keys_kkt_sum[layer] = torch.zeros(d_in, d_in, dtype=torch.float32,
+                                                               device=space.projector.device)
+        self._undo: Optional[_Undo] = None
 
     # ------------------------------------------------------------------
     @property
@@ -61,23 +91,93 @@ class AlphaEditState:
     def edits_applied(self) -> int:
         return sum(len(record.requests) for record in self.edit_log)
 
-    def to(self, device: Union[str, torch.device]) -> "AlphaEditState":
+    @property
+    def method(self) -> Optional[str]:
+        """The label of the method this state was made for (e.g. ``AlphaEdit``, ``PRUNE+P``)."""
+        return self.identity.get("method")
+
+    @property
+    def previous_keys_cov(self) -> TensorsByLayer:
+        """Deprecated name of :attr:`earlier_keys_kkt_sum` (it is a sum, not a covariance)."""
+        return self.earlier_keys_kkt_sum
+
+    def projector_for(self, layer: int, d_in: int) -> torch.Tensor:
+        """P of ``layer``, checked against the number of inputs of the weight it will be applied to."""
+        space = self.null_spaces.get(layer)
+        if space is None:
+            raise ProjectorMismatchError(f"the editing state has no projector for layer {layer} "
+                                         f"(it has layers {sorted(self.null_spaces)})")
+        if tuple(space.projector.shape) != (d_in, d_in):
+            raise ProjectorMismatchError(f"the projector of layer {layer} is {tuple(space.projector.shape)} but the "
+                                         f"edited weight has {d_in} inputs: it was made for another model or module")
+        return space.projector
+
+    def to(self, device: Union[str, torch.device]) -> "EditingState":
         for space in self.null_spaces.values():
             space.projector = space.projector.to(device)
-        self.previous_keys_cov = {k: v.to(device) for k, v in self.previous_keys_cov.items()}
+        self.earlier_keys_kkt_sum = {k: v.to(device) for k, v in self.earlier_keys_kkt_sum.items()}
+        self.second_moments = {k: v.to(device) for k, v in self.second_moments.items()}
+        self.reference_tensors = {name: {k: v.to(device) for k, v in group.items()}
+                                  for name, group in self.reference_tensors.items()}
+        self.running_sums = {name: {k: v.to(device) for k, v in group.items()}
+                             for name, group in self.running_sums.items()}
+        self._undo = None
         return self
 
+    # ---- the only changes edits make ------------------------------------
+    def commit(self, keys: Mapping[int, torch.Tensor], record: EditRecord,
+               running_sums: Optional[Mapping[str, Mapping[int, torch.Tensor]]] = None) -> None:
+        """Record one written edit: add its keys' K Kᵀ (keys as rows, (n, d_in)), replace the method's running
+        sums with ``running_sums``, append ``record``. Undone exactly by :meth:`undo_last`.
+
+        The new tensors are computed before anything is replaced, and the replacement is by assignment,
+        so an interruption leaves the state either as it was or as committed.
+        """
+        unknown = sorted(set(keys) - set(self.earlier_keys_kkt_sum))
+        if unknown:
+            raise StateMismatchError(f"keys for layers {unknown}, which this state does not edit ({self.layers})")
+        new_sums = dict(self.earlier_keys_kkt_sum)
+        for layer, layer_keys in keys.items():
+            old = self.earlier_keys_kkt_sum[layer]
+            layer_keys = layer_keys.to(old)
+            new_sums[layer] = old + layer_keys.T @ layer_keys
+        new_running = {name: {**self.running_sums.get(name, {}), **dict(values)}
+                       for name, values in (running_sums or {}).items()}
+        undo = _Undo(earlier_keys_kkt_sum=self.earlier_keys_kkt_sum,
+                     running_sums={name: self.running_sums[name] for name in new_running if name in self.running_sums},
+                     log_length=len(self.edit_log))
+        self.earlier_keys_kkt_sum = new_sums
+        self.running_sums = {**self.running_sums, **new_running}
+        self.edit_log = self.edit_log + [record]
+        self._undo = undo
+
+    def undo_last(self) -> bool:
+        """Take the last committed edit out again (its keys, running sums and log entry), exactly.
+
+        One level: True if there was a commit to undo (none after a load, a reset or an earlier undo).
+        """
+        undo = self._undo
+        if undo is None:
+            return False
+        self.earlier_keys_kkt_sum = undo.earlier_keys_kkt_sum
+        self.running_sums = {**self.running_sums, **undo.running_sums}
+        self.edit_log = self.edit_log[:undo.log_length]
+        self._undo = None
+        return True
+
     def reset(self) -> None:
-        """Forget earlier edits (Kp Kpᵀ and the log); projectors and prefixes stay.
+        """Forget earlier edits (Σ k kᵀ, running sums and the log); projectors, C0 and prefixes stay.
 
         Use it together with restoring the model's original weights.
         """
-        for cov in self.previous_keys_cov.values():
-            cov.zero_()
-        self.edit_log.clear()
+        self.earlier_keys_kkt_sum = {k: torch.zeros_like(v) for k, v in self.earlier_keys_kkt_sum.items()}
+        self.running_sums = {name: {k: torch.zeros_like(v) for k, v in group.items()}
+                             for name, group in self.running_sums.items()}
+        self.edit_log = []
+        self._undo = None
 
     def check_compatible(self, identity: Dict[str, Any]) -> None:
-        """Refuse a state made for another model, layers, corpus or threshold."""
+        """Refuse a state made for another method, model, layers, corpus or threshold."""
         differing = sorted(k for k in set(self.identity) | set(identity)
                            if k != "weights_sha256" and self.identity.get(k) != identity.get(k))
         if differing:
@@ -90,33 +190,122 @@ class AlphaEditState:
     def save(self, path: Union[str, Path]) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+
+        def cpu(tensors: TensorsByLayer) -> Dict[str, torch.Tensor]:
+            return {str(layer): tensor.detach().cpu() for layer, tensor in tensors.items()}
+
         torch.save({
             "format": STATE_FORMAT,
+            "kind": _KIND,
             "identity": self.identity,
             "context_templates": self.context_templates,
             "null_spaces": {str(l): {"projector": s.projector.cpu(), "rank": s.rank,
                                      "heldout_keys": s.heldout_keys, "token_count": s.token_count}
                             for l, s in self.null_spaces.items()},
-            "previous_keys_cov": {str(l): v.cpu() for l, v in self.previous_keys_cov.items()},
-            "edit_log": [{**asdict(r), "update_norms": {str(k): v for k, v in r.update_norms.items()},
-                          "preservation": {str(k): v for k, v in r.preservation.items()}} for r in self.edit_log],
+            "earlier_keys_kkt_sum": cpu(self.earlier_keys_kkt_sum),
+            "second_moments": cpu(self.second_moments),
+            "reference_tensors": {name: cpu(group) for name, group in self.reference_tensors.items()},
+            "running_sums": {name: cpu(group) for name, group in self.running_sums.items()},
+            "edit_log": [_record_to_file(r) for r in self.edit_log],
         }, path)
 
     @classmethod
-    def load(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "AlphaEditState":
-        try:
-            data = torch.load(Path(path), map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise ValueError(f"cannot read editing state {path}: {type(error).__name__}: {error}") from error
-        if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
-            raise ValueError(f"{path} is not an AlphaEdit state file of format {STATE_FORMAT}")
-        state = cls(
-            identity=data["identity"],
-            null_spaces={int(l): LayerNullSpace(**s) for l, s in data["null_spaces"].items()},
-            context_templates=data["context_templates"],
-            previous_keys_cov={int(l): v for l, v in data["previous_keys_cov"].items()},
-            edit_log=[EditRecord(**{**r, "update_norms": {int(k): v for k, v in r["update_norms"].items()},
-                                    "preservation": {int(k): v for k, v in r["preservation"].items()}})
-                      for r in data["edit_log"]],
-        )
-        return state.to(device)
+    def load(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu",
+             expected_identity: Optional[Dict[str, Any]] = None) -> "EditingState":
+        """Read what :meth:`save` wrote (or a format-1 file), onto ``device``; with ``expected_identity`` a state
+        made for another setting raises :class:`StateMismatchError`."""
+        path = Path(path)
+        data = _read(path)
+        version = data.get("format") if isinstance(data, dict) else None
+        if version == STATE_FORMAT and data.get("kind") == _KIND:
+            state = _from_format_2(data)
+        elif version == LEGACY_FORMAT and data.get("kind") == "BaselineState":
+            state = _from_legacy_baseline(path, data)
+        elif version == LEGACY_FORMAT and "null_spaces" in data:
+            state = _from_legacy_alphaedit(data)
+        else:
+            found = f"format {version!r}" if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"{path} is not an editing state file of format {STATE_FORMAT} (or the earlier "
+                             f"format {LEGACY_FORMAT}); it holds {found}")
+        state = state.to(device)
+        if expected_identity is not None:
+            state.check_compatible(expected_identity)
+        return state
+
+
+def _record_to_file(record: EditRecord) -> dict:
+    return {**asdict(record), "update_norms": {str(k): v for k, v in record.update_norms.items()},
+            "preservation": {str(k): v for k, v in record.preservation.items()}}
+
+
+def _record_from_file(data: dict) -> EditRecord:
+    return EditRecord(**{**data, "update_norms": {int(k): v for k, v in data["update_norms"].items()},
+                         "preservation": {int(k): v for k, v in data["preservation"].items()}})
+
+
+def _read(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"cannot read editing state {path}: {type(error).__name__}: {error}") from error
+
+
+def _by_layer(tensors: Mapping[str, torch.Tensor]) -> TensorsByLayer:
+    return {int(layer): tensor for layer, tensor in tensors.items()}
+
+
+def _null_spaces(data: Mapping[str, Mapping[str, Any]]) -> Dict[int, LayerNullSpace]:
+    return {int(l): LayerNullSpace(**s) for l, s in data.items()}
+
+
+def _require(data: Mapping[str, Any], names, path_or_kind: str) -> None:
+    missing = [name for name in names if name not in data]
+    if missing:
+        raise ValueError(f"editing state {path_or_kind} has no entry {missing}; the file is incomplete")
+
+
+def _from_format_2(data: dict) -> EditingState:
+    _require(data, ("identity", "null_spaces", "context_templates", "earlier_keys_kkt_sum", "edit_log"),
+             f"of format {STATE_FORMAT}")
+    return EditingState(
+        identity=data["identity"],
+        null_spaces=_null_spaces(data["null_spaces"]),
+        context_templates=data["context_templates"],
+        earlier_keys_kkt_sum=_by_layer(data["earlier_keys_kkt_sum"]),
+        second_moments=_by_layer(data.get("second_moments", {})),
+        reference_tensors={name: _by_layer(group) for name, group in data.get("reference_tensors", {}).items()},
+        running_sums={name: _by_layer(group) for name, group in data.get("running_sums", {}).items()},
+        edit_log=[_record_from_file(r) for r in data["edit_log"]],
+    )
+
+
+def _from_legacy_alphaedit(data: dict) -> EditingState:
+    """A format-1 ``AlphaEditState`` file: its identity had no method (it was AlphaEdit's)."""
+    _require(data, ("identity", "null_spaces", "context_templates", "previous_keys_cov", "edit_log"),
+             f"of format {LEGACY_FORMAT}")
+    identity = dict(data["identity"])
+    identity.setdefault("method", "AlphaEdit")
+    return EditingState(identity=identity, null_spaces=_null_spaces(data["null_spaces"]),
+                        context_templates=data["context_templates"],
+                        earlier_keys_kkt_sum=_by_layer(data["previous_keys_cov"]),
+                        edit_log=[_record_from_file(r) for r in data["edit_log"]])
+
+
+def _from_legacy_baseline(path: Path, data: dict) -> EditingState:
+    """A format-1 ``BaselineState`` file and the ``<stem>.core<suffix>`` file written beside it."""
+    _require(data, ("core_file", "identity", "second_moments", "original_weights", "raw_totals"),
+             f"of format {LEGACY_FORMAT} ({path})")
+    core_data = _read(path.parent / data["core_file"])
+    if not isinstance(core_data, dict) or core_data.get("identity") != data["identity"]:
+        raise ValueError(f"{path} and its core file {data['core_file']} belong to different states")
+    core = _from_legacy_alphaedit(core_data)
+    core.identity = dict(data["identity"])
+    core.second_moments = _by_layer(data["second_moments"])
+    if data["original_weights"]:
+        core.reference_tensors = {"original_weights": _by_layer(data["original_weights"])}
+        core.running_sums = {"raw_totals": _by_layer(data["raw_totals"])}
+    return core
+
+
+# Earlier names of the one state class.
+AlphaEditState = EditingState

@@ -7,7 +7,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers
 from tokenizers.processors import TemplateProcessing
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from alphaedit_plugin.metrics import answer_nll
+from alphaedit_plugin.evaluation.scoring import answer_nll
 from alphaedit_plugin.tracing import encode, prompt_and_answer_ids
 
 PROMPT = "The capital of France is"

@@ -16,9 +16,9 @@ from alphaedit_plugin import (
     apply_alphaedit_to_model,
     create_state,
 )
-from alphaedit_plugin import alphaedit_main
+from alphaedit_plugin import edit_loop
 from alphaedit_plugin.architectures import ARCHITECTURES, TEMPLATE_FIELDS, UnknownArchitectureError
-from alphaedit_plugin.projector import NullSpaceError
+from alphaedit_plugin.null_space_projector import NullSpaceError
 from alphaedit_plugin.tracing import subject_token_index
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def test_bad_request(model, tokenizer, tmp_path, arch, request_, field):
     assert f"'{field}'" in message or f"{field} " in message, message
     assert "request 1" in message  # which of the requests is wrong
     assert request_ == original  # the caller's dict is not modified
-    assert state.edit_log == [] and all(torch.count_nonzero(c) == 0 for c in state.previous_keys_cov.values())
+    assert state.edit_log == [] and all(torch.count_nonzero(c) == 0 for c in state.earlier_keys_kkt_sum.values())
 
 
 def test_subject_not_in_prompt_names_both(model, tokenizer, tmp_path, arch):
@@ -179,34 +179,37 @@ def test_nan_from_the_solve(model, tokenizer, tmp_path, arch, monkeypatch, bad_c
     """NaN at the first layer, or at the second after the first layer's update was already added."""
     hparams = exact_hparams(tmp_path, arch)
     state = create_state(model, tokenizer, hparams)
-    real, calls = alphaedit_main.constrained_update, []
+    real, calls = edit_loop.solve_with_terms, []
 
-    def nan_update(**kwargs):
+    def nan_update(*args, **kwargs):
         calls.append(1)
-        delta = real(**kwargs)
+        delta = real(*args, **kwargs)
         return delta * float("nan") if len(calls) == bad_call else delta
 
-    monkeypatch.setattr(alphaedit_main, "constrained_update", nan_update)
+    monkeypatch.setattr(edit_loop, "solve_with_terms", nan_update)
     message = refused(model, tokenizer, [FACTS[0]], hparams, EditError, state=state)
     assert "NaN" in message and f"layer {hparams.layers[bad_call - 1]}" in message
-    assert state.edit_log == [] and all(torch.count_nonzero(c) == 0 for c in state.previous_keys_cov.values())
+    assert state.edit_log == [] and all(torch.count_nonzero(c) == 0 for c in state.earlier_keys_kkt_sum.values())
 
 
 def test_non_finite_weight_while_writing(model, tokenizer, tmp_path, arch, monkeypatch):
     """The first layer is written, the second would hold inf: both are restored."""
     hparams = exact_hparams(tmp_path, arch)
     state = create_state(model, tokenizer, hparams)
-    real = alphaedit_main.execute_alphaedit
+    real, writes = edit_loop.add_to_weight, []
 
-    def overflowing(*args, **kwargs):
-        update = real(*args, **kwargs)
-        update.deltas[hparams.layers[-1]][0, 0] = float("inf")
-        return update
+    def overflowing(module, delta):
+        real(module, delta)
+        writes.append(module)
+        # The last layer's second write is the one apply_update makes (the first is compute_update's).
+        if writes.count(module) == 2 and len(writes) == 2 * len(hparams.layers):
+            with torch.no_grad():
+                module.weight.view(-1)[0] = float("inf")
 
-    monkeypatch.setattr(alphaedit_main, "execute_alphaedit", overflowing)
+    monkeypatch.setattr(edit_loop, "add_to_weight", overflowing)
     message = refused(model, tokenizer, [FACTS[0]], hparams, EditError, state=state)
     assert "NaN or inf" in message and f"layer {hparams.layers[-1]}" in message
-    assert state.edit_log == [] and all(torch.count_nonzero(c) == 0 for c in state.previous_keys_cov.values())
+    assert state.edit_log == [] and all(torch.count_nonzero(c) == 0 for c in state.earlier_keys_kkt_sum.values())
 
 
 def test_state_made_for_other_layers(model, tokenizer, tmp_path, arch):

@@ -7,30 +7,27 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
+from conftest import require_host
 import torch
 import yaml
 
-easyeditor = pytest.importorskip(
-    "easyeditor",
-    reason="the EasyEdit host package `easyeditor` is not importable in this environment; these tests run in "
-           ".venv-easyedit (scripts/setup_easyedit_env.sh)",
-)
+easyeditor = require_host()
 
 from conftest import build_llama, make_tokenizer, write_corpus  # noqa: E402
 from easyeditor import BaseEditor  # noqa: E402
 from easyeditor.editors.batch_editor import BatchEditor  # noqa: E402
 from easyeditor.util.alg_dict import ALG_DICT  # noqa: E402
 
-import alphaedit_plugin.baselines as baselines  # noqa: E402
-from alphaedit_plugin.baselines import easyedit as be  # noqa: E402
-from alphaedit_plugin.easyedit import inspect_host  # noqa: E402
+from alphaedit_plugin import load_hparams  # noqa: E402
+from alphaedit_plugin.hosts import easyedit as be  # noqa: E402
+from alphaedit_plugin.hosts.easyedit import inspect_host  # noqa: E402
 
 LEGACY = inspect_host().restores_only_kept_weights
 
 
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the PyPI host writes logs/run.log into the working directory
+    monkeypatch.chdir(tmp_path)  # the host writes logs/run.log into the working directory
     be.register()
 
 
@@ -83,7 +80,7 @@ def test_unregister_restores_the_host_entries():
 @pytest.mark.parametrize("method", ["MEMIT", "PRUNE", "RECT"])
 @pytest.mark.parametrize("projection", [False, True])
 def test_base_editor_runs_each_variant_sequentially(tmp_path, method, projection):
-    hparams = baselines.load_hparams(write_yaml(tmp_path, method, projection))
+    hparams = load_hparams(write_yaml(tmp_path, method, projection))
     model, tok = build_llama(), make_tokenizer()
     hparams.model_name = (model, tok)
     editor = BaseEditor.from_hparams(hparams)
@@ -94,7 +91,5 @@ def test_base_editor_runs_each_variant_sequentially(tmp_path, method, projection
     editor.edit(prompts=["The river of Japan"], target_new=["Nile"], subject=["Japan"], **extra)
     assert not torch.equal(layer.weight, before)
     state = be.get_state(editor.model, hparams)
-    assert state is not None and state.core.edits_applied == 2
-    carried = any(v.abs().sum() > 0 for v in state.core.previous_keys_cov.values())
-    assert carried == projection  # Kp Kpᵀ only for the projected twin
+    assert state is not None and state.edits_applied == 2 and state.method == hparams.label
     assert be.reset_state(editor)

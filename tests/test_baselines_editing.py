@@ -5,12 +5,14 @@ import torch
 from conftest import (BUILDERS, FACTS, assert_weights_unchanged, corpus_texts, make_hparams, module_inputs,
                       weights_snapshot, write_corpus)
 
-from alphaedit_plugin import AlphaEditHyperParams, EditError, StateMismatchError, apply_alphaedit_to_model, create_state
+from alphaedit_plugin import (AlphaEditHyperParams, DeltaError, EditError, MEMITHyperParams, PRUNEHyperParams,
+                              ProjectorMismatchError, RECTHyperParams, StateMismatchError, apply_alphaedit_to_model,
+                              apply_to_model, compute_update, create_state, edit_loop, normalise_requests)
 from alphaedit_plugin.architectures import get_module, templates_for, weight_as_out_in
-from alphaedit_plugin.baselines import (DeltaError, MEMITExecutor, MEMITHyperParams, PRUNEHyperParams,
-                                        ProjectorMismatchError, RECTHyperParams, apply_baseline_to_model,
-                                        apply_with_delta_projection, create_baseline_state, largest_sv,
-                                        load_second_moments, memit_update, restrain_singular_values)
+from alphaedit_plugin.layer_statistics import load_second_moments
+from alphaedit_plugin.methods.delta_projection import apply_with_delta_projection
+from alphaedit_plugin.methods.memit import MEMIT
+from alphaedit_plugin.methods.prune import largest_sv, restrain_singular_values
 
 CLASSES = {"MEMIT": MEMITHyperParams, "PRUNE": PRUNEHyperParams, "RECT": RECTHyperParams}
 SHARED = ("layers", "v_num_grad_steps", "v_lr", "clamp_norm_factor", "v_weight_decay", "L2", "nullspace_threshold",
@@ -29,7 +31,7 @@ def baseline_hparams(tmp_path, arch, method, projection, **overrides):
 
 def make_state(model, tok, hparams, tmp_path):
     """The state, with MEMIT's C0 from a broader 40-line corpus: the 4-line one is singular, which MEMIT cannot solve."""
-    state = create_baseline_state(model, tok, hparams)
+    state = create_state(model, tok, hparams)
     broad = type(hparams)(**{**{n: getattr(hparams, n) for n in SHARED},
                              "mom2_dataset": write_corpus(tmp_path / "broad.txt", 40)})
     state.second_moments = load_second_moments(model, tok, broad, templates_for(model, broad))
@@ -63,7 +65,7 @@ def preservation_with_and_without_p(tmp_path, arch, tokenizer, method, **overrid
         hparams = baseline_hparams(tmp_path, arch, method, projection, **overrides)
         state = make_state(model, tokenizer, hparams, tmp_path)
         before = layer_weights(model, hparams)
-        apply_baseline_to_model(model, tokenizer, FACTS, hparams, state=state)
+        apply_to_model(model, tokenizer, FACTS, hparams, state=state)
         after = layer_weights(model, hparams)
         assert all((after[l] - before[l]).norm() > 0 for l in hparams.layers)
         ratios[projection] = preservation(arch, tokenizer, hparams, before, after)
@@ -77,19 +79,19 @@ def test_projected_variant_preserves_k0_and_unprojected_does_not(tmp_path, arch,
     assert min(ratios[False].values()) > 1e-2, ratios
 
 
-def test_unprojected_memit_reproduces_the_memit_closed_form(tmp_path, arch, tokenizer):
+def test_unprojected_memit_reproduces_the_memit_closed_form(tmp_path, arch, tokenizer, monkeypatch):
     model = BUILDERS[arch]()
     hparams = baseline_hparams(tmp_path, arch, "MEMIT", False, mom2_update_weight=3.0)
     state = make_state(model, tokenizer, hparams, tmp_path)
-    seen = {}
+    seen, real = {}, edit_loop.solve_layer
 
-    class Recording(MEMITExecutor):
-        def solve(self, layer, keys, residuals):
-            delta = super().solve(layer, keys, residuals)
-            seen[layer] = (keys.double(), residuals.double(), delta.double())
-            return delta
+    def recording(method, state, layer, keys, residuals):
+        delta = real(method, state, layer, keys, residuals)
+        seen[layer] = (keys.double(), residuals.double(), delta.double())
+        return delta
 
-    update = Recording(hparams, state).execute(model, tokenizer, __import__("alphaedit_plugin").normalise_requests(FACTS))
+    monkeypatch.setattr(edit_loop, "solve_layer", recording)
+    update = compute_update(model, tokenizer, normalise_requests(FACTS), hparams, state)
     for layer, (k1, r, delta) in seen.items():
         c0 = state.second_moments[layer]
         expected = r @ k1.T @ torch.linalg.inv(3.0 * c0 + k1 @ k1.T)  # MEMIT Eq. 14, λ = mom2_update_weight
@@ -102,7 +104,7 @@ def test_unprojected_variants_start_from_memits_update(tmp_path, tokenizer, meth
     """The solved update of PRUNE and RECT is MEMIT's; what differs is only their own step on it."""
     arch = "llama"
     # PRUNE with a restraint threshold above every update's size (F is the identity); RECT keeping every entry.
-    monkeypatch.setattr("alphaedit_plugin.baselines.prune.largest_sv", lambda weight: 1e9)
+    monkeypatch.setattr("alphaedit_plugin.methods.prune.method.largest_sv", lambda weight: 1e9)
     results = {}
     for name in ("MEMIT", method):
         model = BUILDERS[arch]()
@@ -110,7 +112,7 @@ def test_unprojected_variants_start_from_memits_update(tmp_path, tokenizer, meth
                                    **({"rect_top_fraction": 1.0} if name == "RECT" else {}))
         state = make_state(model, tokenizer, hparams, tmp_path)
         before = layer_weights(model, hparams)
-        apply_baseline_to_model(model, tokenizer, FACTS, hparams, state=state)
+        apply_to_model(model, tokenizer, FACTS, hparams, state=state)
         after = layer_weights(model, hparams)
         results[name] = {l: after[l] - before[l] for l in hparams.layers}
     for layer, delta in results["MEMIT"].items():
@@ -124,12 +126,12 @@ def test_prune_restrains_the_accumulated_update(tmp_path, tokenizer):
     state = make_state(model, tokenizer, hparams, tmp_path)
     original = layer_weights(model, hparams)
     for fact in FACTS:  # sequential: one fact per call
-        apply_baseline_to_model(model, tokenizer, [fact], hparams, state=state)
+        apply_to_model(model, tokenizer, [fact], hparams, state=state)
     after = layer_weights(model, hparams)
     restrained_any = False
     for layer in hparams.layers:
         bar = largest_sv(original[layer])
-        raw = state.raw_totals[layer]
+        raw = state.running_sums["raw_totals"][layer]
         applied = (after[layer] - original[layer]).double()
         assert torch.allclose(applied, restrain_singular_values(raw, bar), atol=1e-5)
         raw_sv, applied_sv = torch.linalg.svdvals(raw), torch.linalg.svdvals(applied)
@@ -148,7 +150,7 @@ def test_rect_sparsity(tmp_path, tokenizer, projection):
     hparams = baseline_hparams(tmp_path, arch, "RECT", projection, rect_top_fraction=0.4, rect_projection_order=order)
     state = make_state(model, tokenizer, hparams, tmp_path)
     before = layer_weights(model, hparams)
-    apply_baseline_to_model(model, tokenizer, FACTS, hparams, state=state)
+    apply_to_model(model, tokenizer, FACTS, hparams, state=state)
     after = layer_weights(model, hparams)
     for layer in hparams.layers:
         delta = after[layer] - before[layer]
@@ -162,11 +164,11 @@ def test_rect_projected_default_order_is_in_null_space_but_dense(tmp_path, token
     hparams = baseline_hparams(tmp_path, arch, "RECT", True)
     state = make_state(model, tokenizer, hparams, tmp_path)
     before = layer_weights(model, hparams)
-    apply_baseline_to_model(model, tokenizer, FACTS, hparams, state=state)
+    apply_to_model(model, tokenizer, FACTS, hparams, state=state)
     after = layer_weights(model, hparams)
     assert max(preservation(arch, tokenizer, hparams, before, after).values()) < 1e-5
     for layer in hparams.layers:
-        p = state.core.null_spaces[layer].projector.double()
+        p = state.null_spaces[layer].projector.double()
         delta = (after[layer] - before[layer]).double()
         assert torch.allclose(delta @ p, delta, atol=1e-5)
 
@@ -179,51 +181,64 @@ def test_sequential_use_keeps_earlier_edits(tmp_path, tokenizer, method):
     state = make_state(model, tokenizer, hparams, tmp_path)
 
     def prefers_new(fact):
-        from alphaedit_plugin.metrics import answer_nll
+        from alphaedit_plugin.evaluation.scoring import answer_nll
         new, true = answer_nll(model, tokenizer, [(fact["prompt"], fact["target_new"]), (fact["prompt"], "the")])
         return new < true
 
-    apply_baseline_to_model(model, tokenizer, FACTS[:1], hparams, state=state)
+    apply_to_model(model, tokenizer, FACTS[:1], hparams, state=state)
     assert prefers_new(FACTS[0])
-    kp_after_first = {l: v.clone() for l, v in state.core.previous_keys_cov.items()}
+    kp_after_first = {l: v.clone() for l, v in state.earlier_keys_kkt_sum.items()}
     assert all(v.abs().sum() > 0 for v in kp_after_first.values())  # Kp Kpᵀ carried
-    apply_baseline_to_model(model, tokenizer, FACTS[1:], hparams, state=state)
+    apply_to_model(model, tokenizer, FACTS[1:], hparams, state=state)
     assert prefers_new(FACTS[0]), "the first edit was lost after the second batch"
-    assert state.core.edits_applied == 3
+    assert state.edits_applied == 3
 
 
-def test_unprojected_memit_does_not_carry_kp(tmp_path, tokenizer):
+def test_unprojected_memit_records_but_does_not_use_earlier_keys(tmp_path, tokenizer):
+    """The state records every edit's keys; MEMIT's solve has no Kp Kpᵀ term, so they do not change its update."""
     model = BUILDERS["gpt2"]()
     hparams = baseline_hparams(tmp_path, "gpt2", "MEMIT", False)
     state = make_state(model, tokenizer, hparams, tmp_path)
-    apply_baseline_to_model(model, tokenizer, FACTS[:1], hparams, state=state)
-    assert all(v.abs().sum() == 0 for v in state.core.previous_keys_cov.values())
+    requests = normalise_requests(FACTS[1:])
+    fresh = compute_update(model, tokenizer, requests, hparams, state)
+    apply_to_model(model, tokenizer, FACTS[:1], hparams, state=state)
+    assert all(v.abs().sum() > 0 for v in state.earlier_keys_kkt_sum.values())
+    tampered = {layer: 1e6 * torch.eye(v.shape[0]) for layer, v in state.earlier_keys_kkt_sum.items()}
+    model_after_first = BUILDERS["gpt2"]()
+    model_after_first.load_state_dict(model.state_dict())
+    state.earlier_keys_kkt_sum = tampered
+    with_tampered = compute_update(model_after_first, tokenizer, requests, hparams, state)
+    state.earlier_keys_kkt_sum = {layer: torch.zeros_like(v) for layer, v in tampered.items()}
+    with_zero = compute_update(model_after_first, tokenizer, requests, hparams, state)
+    for layer in hparams.layers:
+        assert torch.equal(with_tampered.deltas[layer], with_zero.deltas[layer])
+        assert not torch.equal(fresh.deltas[layer], with_zero.deltas[layer])  # the first edit changed the model
 
 
 # ---- bad input -----------------------------------------------------------
 @pytest.mark.parametrize("bad", ["none", "shape", "nan", "missing"])
-def test_a_wrapped_executor_with_a_bad_delta_changes_nothing(tmp_path, tokenizer, bad):
+def test_a_method_with_a_bad_delta_changes_nothing(tmp_path, tokenizer, bad):
     model = BUILDERS["gpt2"]()
     hparams = baseline_hparams(tmp_path, "gpt2", "MEMIT", True)
     state = make_state(model, tokenizer, hparams, tmp_path)
     snapshot = weights_snapshot(model)
-    kp = {l: v.clone() for l, v in state.core.previous_keys_cov.items()}
+    kp = {l: v.clone() for l, v in state.earlier_keys_kkt_sum.items()}
 
-    class Broken(MEMITExecutor):
-        def finalize(self, layer, delta, weight):
+    class Broken(MEMIT):
+        def finalize(self, layer, delta, weight, state):
             return {"none": None, "shape": delta[:, :-1], "nan": delta * float("nan"), "missing": delta}[bad]
 
-        def combine(self, update, weights):
-            changes = dict(update.deltas)
+        def combine(self, deltas, weights, state):
+            changes = dict(deltas)
             if bad == "missing":
                 changes.pop(hparams.layers[0])
-            return changes
+            return changes, {}
 
     with pytest.raises(DeltaError, match="weights unchanged"):
-        apply_baseline_to_model(model, tokenizer, FACTS, hparams, state=state, executor=Broken)
+        apply_to_model(model, tokenizer, FACTS, hparams, state=state, method=Broken(hparams))
     assert_weights_unchanged(model, snapshot)
-    assert all(torch.equal(state.core.previous_keys_cov[l], kp[l]) for l in kp)
-    assert state.core.edits_applied == 0
+    assert all(torch.equal(state.earlier_keys_kkt_sum[l], kp[l]) for l in kp)
+    assert state.edits_applied == 0
 
 
 def test_a_state_for_another_model_or_layers_is_refused(tmp_path, tokenizer):
@@ -233,13 +248,13 @@ def test_a_state_for_another_model_or_layers_is_refused(tmp_path, tokenizer):
     other_layers = baseline_hparams(tmp_path, "llama", "MEMIT", True, layers=[2, 3])
     snapshot = weights_snapshot(model)
     with pytest.raises(StateMismatchError, match="layers"):
-        apply_baseline_to_model(model, tokenizer, FACTS, other_layers, state=state)
+        apply_to_model(model, tokenizer, FACTS, other_layers, state=state)
     gpt2 = BUILDERS["gpt2"]()
     with pytest.raises(StateMismatchError):
-        apply_baseline_to_model(gpt2, tokenizer, FACTS, baseline_hparams(tmp_path, "gpt2", "MEMIT", True), state=state)
+        apply_to_model(gpt2, tokenizer, FACTS, baseline_hparams(tmp_path, "gpt2", "MEMIT", True), state=state)
     other_method = baseline_hparams(tmp_path, "llama", "PRUNE", True)
     with pytest.raises(StateMismatchError, match="method"):
-        apply_baseline_to_model(model, tokenizer, FACTS, other_method, state=state)
+        apply_to_model(model, tokenizer, FACTS, other_method, state=state)
     assert_weights_unchanged(model, snapshot)
 
 
@@ -248,10 +263,10 @@ def test_a_projector_of_the_wrong_size_is_refused(tmp_path, tokenizer):
     hparams = baseline_hparams(tmp_path, "gpt2", "MEMIT", True)
     state = make_state(model, tokenizer, hparams, tmp_path)
     layer = hparams.layers[0]
-    state.core.null_spaces[layer].projector = torch.eye(7)
+    state.null_spaces[layer].projector = torch.eye(7)
     snapshot = weights_snapshot(model)
     with pytest.raises(EditError, match="another model or module"):
-        apply_baseline_to_model(model, tokenizer, FACTS, hparams, state=state)
+        apply_to_model(model, tokenizer, FACTS, hparams, state=state)
     assert_weights_unchanged(model, snapshot)
 
 
@@ -282,7 +297,7 @@ def test_fallback_projects_another_editors_delta(tmp_path, arch, tokenizer):
     before = layer_weights(model, hparams)
 
     def editor(model, tok, requests, hp, **kwargs):
-        return apply_baseline_to_model(model, tok, requests, hp, state=inner_state, **kwargs)
+        return apply_to_model(model, tok, requests, hp, state=inner_state, **kwargs)
 
     _, weights_copy = apply_with_delta_projection(editor, model, tokenizer, FACTS, hparams, projectors,
                                                   hparams.layers, templates.rewrite_module_tmp)
@@ -354,7 +369,7 @@ def test_memit_plus_p_is_alphaedit_and_keeping_lambda_c0_changes_it(tmp_path, ar
         assert hparams.label == ("MEMIT+P+λC0" if keep else "MEMIT+P")
         state = make_state(model, tokenizer, hparams, tmp_path)
         for batch in facts:
-            apply_baseline_to_model(model, tokenizer, batch, hparams, state=state)
+            apply_to_model(model, tokenizer, batch, hparams, state=state)
         deltas[keep] = {l: w - before[l] for l, w in layer_weights(model, hparams).items()}
     for layer, expected in alpha_delta.items():
         assert expected.norm() > 0

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from alphaedit_plugin.baselines import (memit_update, project_delta, projected_update, relative_change_mask,
-                                        restrain_singular_values, restraint, sparsify_by_relative_change)
-from alphaedit_plugin.baselines.projection import ProjectorMismatchError
-from alphaedit_plugin.projector import null_space_projector
+from alphaedit_plugin.constrained_solve import (SolveTerms, memit_terms, project_rows, solve_with_terms,
+                                                with_projection)
+from alphaedit_plugin.methods.prune import restrain_singular_values, restraint
+from alphaedit_plugin.methods.rect import relative_change_mask, sparsify_by_relative_change
+from alphaedit_plugin.null_space_projector import null_space_projector
 
 
 def _problem(seed=0, d_in=24, d_out=10, n=3, m=12):
@@ -25,15 +26,16 @@ def test_memit_update_is_the_memit_closed_form():
     _, k1, r, c0, _ = _problem()
     lam = 15000.0
     expected = r @ k1.T @ torch.linalg.inv(lam * c0 + k1 @ k1.T)  # MEMIT Eq. 14, written independently
-    got = memit_update(k1.float(), r.float(), lam * c0)
+    got = solve_with_terms(k1.float(), r.float(), memit_terms(lam), second_moment=c0)
     assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-6)
 
 
 def test_projected_update_lies_in_null_space_for_any_preservation_term():
     k0, k1, r, c0, p = _problem(1)
     kp = torch.randn(24, 5, dtype=torch.float64)
-    for preservation in (None, 15000.0 * c0):
-        delta = projected_update(k1, r, p, kp @ kp.T, preservation, l2=10.0).double()
+    for keep in (False, True):
+        terms = with_projection(memit_terms(15000.0), ridge=10.0, keep_mom2_prior=keep)
+        delta = solve_with_terms(k1, r, terms, projector=p, earlier_keys_kkt_sum=kp @ kp.T, second_moment=c0).double()
         assert torch.linalg.norm(delta @ k0) / torch.linalg.norm(delta) < 1e-6
         assert torch.allclose(delta @ p, delta, atol=1e-6)
 
@@ -44,13 +46,29 @@ def test_projected_update_closed_form():
     b = 3.0 * c0
     eye = torch.eye(24, dtype=torch.float64)
     expected = r @ k1.T @ p @ torch.linalg.inv((b + kp @ kp.T + k1 @ k1.T) @ p + 10.0 * eye)
-    got = projected_update(k1, r, p, kp @ kp.T, b, l2=10.0)
+    terms = with_projection(memit_terms(3.0), ridge=10.0, keep_mom2_prior=True)
+    got = solve_with_terms(k1, r, terms, projector=p, earlier_keys_kkt_sum=kp @ kp.T, second_moment=c0)
     assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-6)
 
 
-def test_project_delta_refuses_a_projector_of_another_size():
-    with pytest.raises(ProjectorMismatchError, match="does not fit"):
-        project_delta(torch.zeros(4, 6), torch.eye(5))
+def test_alphaedit_terms_are_memits_with_the_one_line():
+    """MEMIT has λ·C0 and no P; the projected twin drops λ·C0 (or keeps it), carries Kp Kpᵀ and has a ridge."""
+    assert memit_terms(7.0) == SolveTerms(projection=False, mom2_prior_weight=7.0, earlier_keys=False, ridge=0.0)
+    assert with_projection(memit_terms(7.0), ridge=10.0) == SolveTerms(True, None, True, 10.0)
+    assert with_projection(memit_terms(7.0), ridge=10.0, keep_mom2_prior=True) == SolveTerms(True, 7.0, True, 10.0)
+
+
+def test_solve_names_a_missing_term():
+    k1, r = torch.randn(6, 2), torch.randn(3, 2)
+    with pytest.raises(ValueError, match="projector"):
+        solve_with_terms(k1, r, with_projection(memit_terms(1.0), ridge=1.0), earlier_keys_kkt_sum=torch.eye(6))
+    with pytest.raises(ValueError, match="second_moment"):
+        solve_with_terms(k1, r, memit_terms(1.0))
+
+
+def test_project_rows_refuses_a_projector_of_another_size():
+    with pytest.raises(ValueError, match="does not fit"):
+        project_rows(torch.zeros(4, 6), torch.eye(5))
 
 
 # ---- PRUNE ---------------------------------------------------------------

@@ -16,10 +16,10 @@ import pytest
 import torch
 from conftest import BUILDERS, FACTS, make_hparams, make_tokenizer, write_corpus
 
-from alphaedit_plugin import AlphaEditHyperParams, apply_alphaedit_to_model, create_state
+from alphaedit_plugin import (AlphaEditHyperParams, MEMITHyperParams, PRUNEHyperParams, RECTHyperParams,
+                              apply_to_model, create_state)
 from alphaedit_plugin.architectures import get_module, templates_for, weight_as_out_in
-from alphaedit_plugin.baselines import (MEMITHyperParams, PRUNEHyperParams, RECTHyperParams, apply_baseline_to_model,
-                                        create_baseline_state, load_second_moments)
+from alphaedit_plugin.layer_statistics import load_second_moments
 
 FIXTURE = Path(__file__).parent / "fixtures" / "edit_updates.safetensors"
 CLASSES = {"MEMIT": MEMITHyperParams, "PRUNE": PRUNEHyperParams, "RECT": RECTHyperParams}
@@ -61,22 +61,16 @@ def replay(tmp_path: Path, arch: str, label: str, alg: str, fields: dict) -> dic
     if alg == "AlphaEdit":
         hparams = AlphaEditHyperParams(**shared)
         state = create_state(model, tok, hparams)
-
-        def apply(batch):
-            apply_alphaedit_to_model(model, tok, batch, hparams, state=state)
     else:
         hparams = CLASSES[alg](**shared, mom2_update_weight=2.0, **fields)
-        state = create_baseline_state(model, tok, hparams)
+        state = create_state(model, tok, hparams)
         # MEMIT's C0 from a 40-line corpus (the 4-line one that gives the exact null space is singular).
         broad = type(hparams)(**{**shared, "mom2_dataset": write_corpus(tmp_path / "broad.txt", 40)})
         state.second_moments = load_second_moments(model, tok, broad, templates_for(model, broad))
-
-        def apply(batch):
-            apply_baseline_to_model(model, tok, batch, hparams, state=state)
     updates = {}
     for number, batch in enumerate(BATCHES):
         before = layer_weights(model, hparams)
-        apply(batch)
+        apply_to_model(model, tok, batch, hparams, state=state)
         after = layer_weights(model, hparams)
         for layer in hparams.layers:
             updates[f"{arch}/{label}/batch{number}/layer{layer}"] = after[layer] - before[layer]

@@ -9,17 +9,20 @@ import pytest
 import torch
 import yaml
 
-from alphaedit_plugin import StateMismatchError
+from alphaedit_plugin import (EditingState, MEMITHyperParams, PRUNEHyperParams, RECTHyperParams, StateMismatchError,
+                              state_identity)
 from alphaedit_plugin.architectures import templates_for
-from alphaedit_plugin.baselines import BaselineState, MEMITHyperParams, PRUNEHyperParams, RECTHyperParams
-from alphaedit_plugin.baselines.state import baseline_identity
-from alphaedit_plugin.bench import (BASELINE_LABELS, HOST_STEP_LABELS, BaselineMethod, BenchConfig, BenchmarkError,
-                                    BenchmarkRunner,
-                                    MethodOptions, available_methods, register_method, run_benchmark)
+from alphaedit_plugin.bench import (BenchConfig, BenchmarkError, BenchmarkRunner, MethodOptions, RegisteredMethodRun,
+                                    available_methods, run_benchmark)
 from alphaedit_plugin.bench.cli import build_parser, config_from_args, main
-from alphaedit_plugin.bench.methods import default_hparams_path, load_baseline_hparams, unregister_method
+from alphaedit_plugin.bench.methods import default_hparams_path, load_method_hparams
 
 from conftest import assert_weights_unchanged, build_gpt2, make_hparams, make_tokenizer, weights_snapshot
+from toy_methods import Flaky, as_toy, registered
+
+BASELINE_LABELS = ("MEMIT", "MEMIT+P", "PRUNE", "PRUNE+P", "RECT", "RECT+P")
+HOST_STEP_LABELS = ("MEMIT@easyeditor", "MEMIT@easyeditor+P", "PRUNE@easyeditor", "PRUNE@easyeditor+P",
+                    "RECT@easyeditor", "RECT@easyeditor+P")
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -55,14 +58,13 @@ def checkpoint_weights(folder: Path) -> dict:
     return torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)["weights"]
 
 
-def saved_state(folder: Path) -> BaselineState:
+def saved_state(folder: Path) -> EditingState:
     progress = json.loads((folder / "progress.json").read_text())
-    return BaselineState.load(folder / progress["state_dir"] / BaselineMethod.STATE_FILE)
+    return EditingState.load(folder / progress["state_dir"] / RegisteredMethodRun.STATE_FILE)
 
 
-def test_all_six_baselines_are_registered():
-    assert set(BASELINE_LABELS) == {"MEMIT", "MEMIT+P", "PRUNE", "PRUNE+P", "RECT", "RECT+P"}
-    assert set(BASELINE_LABELS) <= set(available_methods())
+def test_every_method_and_variant_is_listed():
+    assert set(available_methods()) == {"unedited", "AlphaEdit", *BASELINE_LABELS, *HOST_STEP_LABELS}
     assert default_hparams_path("PRUNE+P", "smollm2") == ROOT / "hparams" / "PRUNE" / "smollm2-135m-projected.yaml"
     assert default_hparams_path("RECT", "SmolLM2") == ROOT / "hparams" / "RECT" / "smollm2-135m.yaml"
     assert default_hparams_path("MEMIT", "/some/local/model") is None
@@ -72,7 +74,7 @@ def test_all_six_baselines_are_registered():
 def test_every_label_has_a_shipped_smollm2_yaml_that_matches_it(label):
     path = default_hparams_path(label, "smollm2")
     assert path is not None and path.is_file(), label
-    hparams = load_baseline_hparams(label, str(path))  # checks alg_name, projection and memit_steps
+    hparams = load_method_hparams(label, str(path))  # checks alg_name, projection and memit_steps
     assert hparams.label == label
     assert label in available_methods()
 
@@ -99,76 +101,66 @@ def test_memit_and_memit_p_end_to_end(tmp_path):
     table = (out / "results.md").read_text()
     assert "| MEMIT | 4 |" in table and "| MEMIT+P | 4 |" in table
 
-    # The saved states: every edit logged; only the projected variant carries Kp Kpᵀ.
+    # The saved states: every edit logged, with its keys; only MEMIT keeps C0 (its λ·C0 prior).
     plain, projected = saved_state(out / "methods" / "MEMIT"), saved_state(out / "methods" / "MEMIT+P")
-    assert plain.core.edits_applied == projected.core.edits_applied == 4
+    assert plain.edits_applied == projected.edits_applied == 4
     assert plain.identity["method"] == "MEMIT" and projected.identity["method"] == "MEMIT+P"
-    assert all(float(c.abs().max()) == 0 for c in plain.core.previous_keys_cov.values())
-    assert all(float(c.abs().max()) > 0 for c in projected.core.previous_keys_cov.values())
+    assert all(float(c.abs().max()) > 0 for c in projected.earlier_keys_kkt_sum.values())
+    assert set(plain.second_moments) == set(plain.layers) and projected.second_moments == {}
 
     # The accumulated update of MEMIT+P lies in the null space (P Δ = Δ for GPT-2's (in, out) Conv1D weight);
     # MEMIT's does not.
     for name, state in (("MEMIT", plain), ("MEMIT+P", projected)):
         weights = checkpoint_weights(out / "methods" / name)
-        for layer in state.core.layers:
+        for layer in state.layers:
             param = f"transformer.h.{layer}.mlp.c_proj.weight"
             delta = (weights[param] - before[param]).double()
-            projector = state.core.null_spaces[layer].projector.double()
+            projector = state.null_spaces[layer].projector.double()
             leaves = float((projector @ delta - delta).norm() / delta.norm())
             assert delta.norm() > 0
             assert (leaves < 1e-5) if name == "MEMIT+P" else (leaves > 1e-2), (name, layer, leaves)
 
 
-class FlakyBaseline(BaselineMethod):
-    fail_at = None  # batch number (1-based) whose edit raises
-    calls = 0
-
-    def edit(self, requests):
-        FlakyBaseline.calls += 1
-        if FlakyBaseline.calls == FlakyBaseline.fail_at:
-            raise RuntimeError("simulated crash")
-        super().edit(requests)
-
-
 @pytest.fixture
 def flaky():
-    names = []
+    """``flaky("MEMIT+P")`` registers the toy FlakyMEMIT and gives its label "FlakyMEMIT+P" and hparams class."""
+    blocks = []
 
     def register(label):
-        name = f"Flaky{label}"
-        register_method(name, lambda model, tok, options: FlakyBaseline(model, tok, options, label=label),
-                        replace=True)
-        names.append(name)
-        return name
+        alg, _, suffix = label.partition("+")
+        block = registered(f"Flaky{alg}")
+        toy_class = block.__enter__()
+        blocks.append(block)
+        return f"Flaky{label}", toy_class
 
     yield register
-    for name in names:
-        unregister_method(name)
+    for block in blocks:
+        block.__exit__(None, None, None)
 
 
 @pytest.mark.parametrize("label", ["MEMIT+P", "PRUNE"])  # Kp Kpᵀ carried; PRUNE's original weights and totals
 def test_resume_after_a_failed_batch_equals_an_uninterrupted_run(tmp_path, flaky, label):
     model, tok = build_gpt2(), make_tokenizer()
     before = weights_snapshot(model)
-    name = flaky(label)
-    options = {name: MethodOptions(hparams=tiny_hparams(tmp_path, label))}
+    name, toy_class = flaky(label)
+    options = {name: MethodOptions(hparams=as_toy(tiny_hparams(tmp_path, label), toy_class))}
     cfg = dict(methods=(name,), edits=5, batch_size=2, method_options=options)
 
-    FlakyBaseline.calls, FlakyBaseline.fail_at = 0, 2
+    Flaky.reset(fail_at=2)
     crash = rf"{re.escape(name)}: batch 2 of 3 .*simulated crash.*run the same command again"
     with pytest.raises(BenchmarkError, match=crash):
         run_benchmark(config(tmp_path, tmp_path / "run", **cfg), model, tok)
     assert_weights_unchanged(model, before)
     folder = tmp_path / "run" / "methods" / name
     assert json.loads((folder / "progress.json").read_text())["batches_done"] == 1
-    assert saved_state(folder).core.edits_applied == 2
+    assert saved_state(folder).edits_applied == 2
 
-    FlakyBaseline.calls, FlakyBaseline.fail_at = 0, None
+    Flaky.reset()
     resumed = run_benchmark(config(tmp_path, tmp_path / "run", **cfg), model, tok)
-    assert FlakyBaseline.calls == 2  # batches 2 and 3 only
-    FlakyBaseline.calls = 0
+    assert Flaky.calls == 2  # batches 2 and 3 only
+    Flaky.reset()
     fresh = run_benchmark(config(tmp_path, tmp_path / "fresh", **cfg), model, tok)
-    assert FlakyBaseline.calls == 3
+    assert Flaky.calls == 3
     assert_weights_unchanged(model, before)
 
     assert resumed["methods"][name]["final"] == fresh["methods"][name]["final"]
@@ -182,61 +174,67 @@ def test_resume_after_a_failed_batch_equals_an_uninterrupted_run(tmp_path, flaky
     assert all(torch.equal(resumed_weights[k], fresh_weights[k]) for k in fresh_weights)
     assert any(not torch.equal(fresh_weights[k], before[k]) for k in fresh_weights)
     a, b = saved_state(folder), saved_state(tmp_path / "fresh" / "methods" / name)
-    assert a.core.edits_applied == b.core.edits_applied == 5
-    for layer in b.core.layers:
-        assert torch.equal(a.core.previous_keys_cov[layer], b.core.previous_keys_cov[layer])
-        assert torch.equal(a.second_moments[layer], b.second_moments[layer])
-    assert set(a.raw_totals) == set(b.raw_totals) == (set(b.core.layers) if label == "PRUNE" else set())
-    for layer, total in b.raw_totals.items():
-        assert float(total.abs().max()) > 0 and torch.equal(a.raw_totals[layer], total)
-        assert torch.equal(a.original_weights[layer], b.original_weights[layer])
+    assert a.edits_applied == b.edits_applied == 5
+    for layer in b.layers:
+        assert torch.equal(a.earlier_keys_kkt_sum[layer], b.earlier_keys_kkt_sum[layer])
+        if label == "PRUNE":
+            assert torch.equal(a.second_moments[layer], b.second_moments[layer])
+    totals = b.running_sums.get("raw_totals", {})
+    assert set(a.running_sums.get("raw_totals", {})) == set(totals) == (set(b.layers) if label == "PRUNE" else set())
+    for layer, total in totals.items():
+        assert float(total.abs().max()) > 0 and torch.equal(a.running_sums["raw_totals"][layer], total)
+        assert torch.equal(a.reference_tensors["original_weights"][layer],
+                           b.reference_tensors["original_weights"][layer])
 
 
 def test_a_resume_with_other_hparams_is_refused(tmp_path, flaky):
     model, tok = build_gpt2(), make_tokenizer()
-    name = flaky("MEMIT")
+    name, toy_class = flaky("MEMIT")
     cfg = dict(methods=(name,), edits=5, batch_size=2)
-    FlakyBaseline.calls, FlakyBaseline.fail_at = 0, 2
+    Flaky.reset(fail_at=2)
     with pytest.raises(BenchmarkError, match="simulated crash"):
         run_benchmark(config(tmp_path, tmp_path / "run", method_options={
-            name: MethodOptions(hparams=tiny_hparams(tmp_path, "MEMIT"))}, **cfg), model, tok)
-    FlakyBaseline.calls, FlakyBaseline.fail_at = 0, None
+            name: MethodOptions(hparams=as_toy(tiny_hparams(tmp_path, "MEMIT"), toy_class))}, **cfg), model, tok)
+    Flaky.reset()
     with pytest.raises(BenchmarkError, match=r"other settings \(hparams\.v_lr\)"):
         run_benchmark(config(tmp_path, tmp_path / "run", method_options={
-            name: MethodOptions(hparams=tiny_hparams(tmp_path, "MEMIT", v_lr=0.25))}, **cfg), model, tok)
-    assert FlakyBaseline.calls == 0
+            name: MethodOptions(hparams=as_toy(tiny_hparams(tmp_path, "MEMIT", v_lr=0.25), toy_class))}, **cfg),
+            model, tok)
+    assert Flaky.calls == 0
 
 
 def test_state_save_load_round_trip_and_refusal(tmp_path):
     model, tok = build_gpt2(), make_tokenizer()
     hparams = tiny_hparams(tmp_path, "PRUNE+P")
-    method = BaselineMethod(model, tok, MethodOptions(hparams=hparams), label="PRUNE+P")
+    method = RegisteredMethodRun(model, tok, MethodOptions(hparams=hparams), label="PRUNE+P")
     method.prepare()
     method.edit([{"prompt": "The capital of France", "subject": "France", "target_new": "Rome"}])
     method.save_state(tmp_path / "state")
-    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["baseline_state.core.pt", "baseline_state.pt"]
-    loaded = BaselineState.load(tmp_path / "state" / BaselineMethod.STATE_FILE,
-                                expected_identity=baseline_identity(model, hparams, templates_for(model, hparams)))
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["state.pt"]
+    loaded = EditingState.load(tmp_path / "state" / RegisteredMethodRun.STATE_FILE,
+                               expected_identity=state_identity(model, hparams, templates_for(model, hparams)))
     state = method.state
-    assert loaded.identity == state.identity and loaded.core.edits_applied == 1
+    assert loaded.identity == state.identity and loaded.edits_applied == 1
     for layer in hparams.layers:
-        assert torch.equal(loaded.second_moments[layer], state.second_moments[layer])
-        assert torch.equal(loaded.raw_totals[layer], state.raw_totals[layer])
-        assert torch.equal(loaded.original_weights[layer], state.original_weights[layer])
-        assert torch.equal(loaded.core.previous_keys_cov[layer], state.core.previous_keys_cov[layer])
-        assert torch.equal(loaded.core.null_spaces[layer].projector, state.core.null_spaces[layer].projector)
+        assert torch.equal(loaded.running_sums["raw_totals"][layer], state.running_sums["raw_totals"][layer])
+        assert torch.equal(loaded.reference_tensors["original_weights"][layer],
+                           state.reference_tensors["original_weights"][layer])
+        assert torch.equal(loaded.earlier_keys_kkt_sum[layer], state.earlier_keys_kkt_sum[layer])
+        assert torch.equal(loaded.null_spaces[layer].projector, state.null_spaces[layer].projector)
 
     # Loaded for another method, layer set or model: refused.
     for other in (tiny_hparams(tmp_path, "MEMIT+P"), tiny_hparams(tmp_path, "PRUNE+P", layers=[2, 3]),
                   tiny_hparams(tmp_path, "PRUNE+P", model_name="another-model")):
         with pytest.raises(StateMismatchError, match="different setting"):
-            BaselineState.load(tmp_path / "state" / BaselineMethod.STATE_FILE,
-                               expected_identity=baseline_identity(model, other, templates_for(model, other)))
-    another = BaselineMethod(model, tok, MethodOptions(hparams=tiny_hparams(tmp_path, "MEMIT+P")), label="MEMIT+P")
+            EditingState.load(tmp_path / "state" / RegisteredMethodRun.STATE_FILE,
+                              expected_identity=state_identity(model, other, templates_for(model, other)))
+    another = RegisteredMethodRun(model, tok, MethodOptions(hparams=tiny_hparams(tmp_path, "MEMIT+P")),
+                                  label="MEMIT+P")
     with pytest.raises(StateMismatchError, match="method: state has 'PRUNE\\+P', edit needs 'MEMIT\\+P'"):
         another.load_state(tmp_path / "state")
-    with pytest.raises(ValueError, match="not a baseline"):
-        BaselineState.load(tmp_path / "state" / "baseline_state.core.pt")
+    torch.save({"format": 7}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an editing state file of format 2 .*format 7"):
+        EditingState.load(tmp_path / "other.pt")
 
 
 def test_the_zero_edit_point_is_scored_once_and_shared(tmp_path, monkeypatch):
@@ -268,28 +266,29 @@ def test_the_zero_edit_point_is_scored_once_and_shared(tmp_path, monkeypatch):
                                                    "smollm2-135m.yaml has projection: false"),
     ("MEMIT", "hparams/MEMIT/smollm2-135m-projected.yaml", "MEMIT needs hparams with projection: false"),
     ("PRUNE", "hparams/MEMIT/smollm2-135m.yaml", "PRUNE needs hparams with alg_name: PRUNE, but .* alg_name: MEMIT"),
-    ("RECT+P", "hparams/AlphaEdit/smollm2-135m.yaml", "RECT\\+P: cannot use .*alg_name must be one of"),
+    ("RECT+P", "hparams/AlphaEdit/smollm2-135m.yaml", "RECT\\+P needs hparams with alg_name: RECT, but .* "
+                                                      "alg_name: AlphaEdit"),
     ("MEMIT@easyeditor", "hparams/MEMIT/smollm2-135m.yaml", "MEMIT@easyeditor needs hparams with memit_steps: "
                                                             "easyeditor, but .* has memit_steps: plugin"),
     ("MEMIT+P", "hparams/MEMIT/smollm2-135m-easyeditor-projected.yaml", "needs hparams with memit_steps: plugin"),
 ])
 def test_a_yaml_for_another_label_is_refused(label, path, message):
     with pytest.raises(ValueError, match=message) as error:
-        load_baseline_hparams(label, str(ROOT / path))
+        load_method_hparams(label, str(ROOT / path))
     assert f"--method-hparams {label}=PATH" in str(error.value)
 
 
 def test_hparams_checks(tmp_path):
-    assert load_baseline_hparams("RECT+P", str(ROOT / "hparams/RECT/smollm2-135m-projected.yaml"),
+    assert load_method_hparams("RECT+P", str(ROOT / "hparams/RECT/smollm2-135m-projected.yaml"),
                                  {"mom2_dataset": "corpus.txt"}).mom2_dataset == "corpus.txt"
     with pytest.raises(ValueError, match="MEMIT needs hyperparameters: pass --method-hparams MEMIT=PATH"):
-        load_baseline_hparams("MEMIT", None)
+        load_method_hparams("MEMIT", None)
     with pytest.raises(ValueError, match="MEMIT\\+P needs hparams with projection: true"):  # overrides are checked
-        load_baseline_hparams("MEMIT+P", tiny_hparams(tmp_path, "MEMIT+P"), {"projection": False})
+        load_method_hparams("MEMIT+P", tiny_hparams(tmp_path, "MEMIT+P"), {"projection": False})
     with pytest.raises(ValueError, match="hparams have no field 'no_such'"):
-        load_baseline_hparams("MEMIT", tiny_hparams(tmp_path, "MEMIT"), {"no_such": 1})
+        load_method_hparams("MEMIT", tiny_hparams(tmp_path, "MEMIT"), {"no_such": 1})
     with pytest.raises(FileNotFoundError, match="PRUNE: hparams file not found"):
-        load_baseline_hparams("PRUNE", str(tmp_path / "missing.yaml"))
+        load_method_hparams("PRUNE", str(tmp_path / "missing.yaml"))
 
 
 def args(*extra):

@@ -8,7 +8,7 @@ import torch
 
 from conftest import BUILDERS, corpus_texts, make_hparams, mid_spectrum_threshold, module_inputs
 from alphaedit_plugin import create_state
-from alphaedit_plugin import cache, nullspace, second_moment
+from alphaedit_plugin import cache, layer_statistics, second_moment
 from alphaedit_plugin.architectures import templates_for
 from alphaedit_plugin.cache import CacheMismatchError, CorruptCacheError
 
@@ -23,8 +23,8 @@ def thresholds(model, tok, hparams, fractions):
 def forbid_statistics(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the statistics were recomputed instead of read from the cache")
-    monkeypatch.setattr(nullspace, "collect_second_moments", refuse)
-    monkeypatch.setattr(nullspace, "corpus_token_sequences", refuse)
+    monkeypatch.setattr(layer_statistics, "collect_second_moments", refuse)
+    monkeypatch.setattr(layer_statistics, "corpus_token_sequences", refuse)
 
 
 def cache_files(root: Path, kind: str):

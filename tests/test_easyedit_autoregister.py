@@ -1,29 +1,30 @@
-"""`import alphaedit_plugin` registers AlphaEdit where EasyEdit is installed, and is harmless where it is not."""
+"""`import alphaedit_plugin` registers every method where EasyEdit is importable, and is harmless where it is not."""
 
 from __future__ import annotations
 
-import importlib.util
-
-import pytest
-
-HAS_HOST = importlib.util.find_spec("easyeditor") is not None
+from conftest import needs_host, run_without_host
 
 
-@pytest.mark.skipif(HAS_HOST, reason="easyeditor is installed here; this checks the core environment without it")
 def test_without_easyeditor_nothing_happens_and_register_says_why():
-    from alphaedit_plugin.easyedit.autoregister import register_if_available
-    import alphaedit_plugin.easyedit as ee
+    result = run_without_host(
+        "import pytest\n"
+        "from alphaedit_plugin.hosts.easyedit.autoregister import register_if_available\n"
+        "import alphaedit_plugin.hosts.easyedit as ee\n"
+        "assert register_if_available() is False\n"
+        "with pytest.raises(ImportError, match='Put a checkout of the EasyEdit source on sys.path'):\n"
+        "    ee.register()\n"
+        "print('core without the host: OK')\n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "core without the host: OK" in result.stdout
 
-    assert register_if_available() is False
-    with pytest.raises(ImportError, match="scripts/setup_easyedit_env.sh"):
-        ee.register()
 
-
-@pytest.mark.skipif(not HAS_HOST, reason="the EasyEdit host package `easyeditor` is not installed in this "
-                                         "environment; the integration tests run in .venv-easyedit")
-def test_with_easyeditor_importing_registers():
-    from alphaedit_plugin.easyedit.autoregister import register_if_available
+@needs_host
+def test_with_easyeditor_importing_registers_every_method():
     from easyeditor.util.alg_dict import ALG_DICT
 
+    from alphaedit_plugin import registry
+    from alphaedit_plugin.hosts.easyedit.autoregister import register_if_available
+
     assert register_if_available() is True
-    assert getattr(ALG_DICT["AlphaEdit"], "__alphaedit_plugin_patch__", False)
+    for entry in registry.registered_methods():
+        assert getattr(ALG_DICT[entry.name], "__alphaedit_plugin_patch__", False), entry.name

@@ -1,4 +1,4 @@
-"""The host-compatibility module (alphaedit_plugin.easyedit.compat): detection, gating, the CUDA-prefix fix."""
+"""The host-compatibility module (alphaedit_plugin.hosts.easyedit.compat): detection, gating, the CUDA-prefix fix."""
 
 from __future__ import annotations
 
@@ -7,16 +7,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
+from conftest import require_host
 import torch
 
-pytest.importorskip(
-    "easyeditor",
-    reason="the EasyEdit host package `easyeditor` is not importable in this environment; the integration "
-           "tests run in .venv-easyedit (scripts/setup_easyedit_env.sh)",
-)
+require_host()
 
-import alphaedit_plugin.easyedit as ee  # noqa: E402
-from alphaedit_plugin.easyedit import compat  # noqa: E402
+import alphaedit_plugin.hosts.easyedit as ee  # noqa: E402
+from alphaedit_plugin.hosts.easyedit import compat  # noqa: E402
 
 PYPI = compat.HostInfo(version="0.0.1.dev0", hardcodes_cuda=True, lists_alphaedit_as_batchable=False,
                        has_sequential_edit=False, has_own_alphaedit=False)
@@ -86,21 +83,28 @@ def test_detected_host_matches_its_code():
 
 def test_batchable_patch_only_where_needed():
     from easyeditor.editors.batch_editor import BatchEditor
-    host = compat.inspect_host()
-    ee.register()
-    assert BatchEditor.is_batchable_method("AlphaEdit")
-    assert BatchEditor.is_batchable_method("MEMIT") and not BatchEditor.is_batchable_method("ROME")
-    patched = getattr(BatchEditor.is_batchable_method, "__alphaedit_plugin_patch__", False)
-    assert patched == (not host.lists_alphaedit_as_batchable)
-    assert compat.allow_batch_editing() is False  # idempotent
+
+    from alphaedit_plugin import registry
+
     ee.unregister()
-    assert BatchEditor.is_batchable_method("AlphaEdit") == host.lists_alphaedit_as_batchable
+    host_answer = BatchEditor.is_batchable_method
+    names = [entry.name for entry in registry.registered_methods()]
+    listed = {name: bool(host_answer(name)) for name in names}
+    ee.register()
+    assert all(BatchEditor.is_batchable_method(name) for name in names)
+    assert not BatchEditor.is_batchable_method("ROME")  # the host's answer for its own methods
+    patched = getattr(BatchEditor.is_batchable_method, "__alphaedit_plugin_patch__", False)
+    assert patched == (not all(listed.values()))
+    assert compat.allow_batch_editing(names) is patched  # idempotent
+    ee.unregister()
+    assert BatchEditor.is_batchable_method is host_answer
+    assert {name: bool(BatchEditor.is_batchable_method(name)) for name in names} == listed
     ee.register()
 
 
 def test_cuda_fix_active_during_host_calls_only_for_our_hparams(tmp_path, monkeypatch):
     """The wrapped BaseEditor methods turn the fix on for AlphaEdit hparams on a CUDA-hard-coding host."""
-    from alphaedit_plugin.easyedit import registration
+    from alphaedit_plugin.hosts.easyedit import registration
     seen = []
 
     def method(self, *args, **kwargs):

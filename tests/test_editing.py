@@ -175,17 +175,17 @@ def test_batched_edit_of_three_facts(exact, tokenizer):
     assert len(state.edit_log) == 1 and state.edits_applied == 3
 
 
-def test_previous_keys_cov_grows_by_the_new_keys(exact, tokenizer):
+def test_earlier_keys_kkt_sum_grows_by_the_new_keys(exact, tokenizer):
     model, hparams, state = exact
-    assert all(float(c.abs().max()) == 0.0 for c in state.previous_keys_cov.values())
+    assert all(float(c.abs().max()) == 0.0 for c in state.earlier_keys_kkt_sum.values())
     for batch in ([FACTS[0]], FACTS[1:]):
-        cov_before = {layer: c.clone().double() for layer, c in state.previous_keys_cov.items()}
+        cov_before = {layer: c.clone().double() for layer, c in state.earlier_keys_kkt_sum.items()}
         apply_alphaedit_to_model(model, tokenizer, batch, hparams, state=state)
         for layer in hparams.layers:
             # A layer's keys do not depend on its own weight or on layers above: read them off the edited model.
             keys = torch.stack([fact_key(model, tokenizer, rewrite_name(model, hparams, layer), f["prompt"],
                                          state.context_templates) for f in batch]).double()
-            growth = state.previous_keys_cov[layer].double() - cov_before[layer]
+            growth = state.earlier_keys_kkt_sum[layer].double() - cov_before[layer]
             expected = keys.T @ keys
             assert (growth - expected).norm() <= 1e-4 * expected.norm(), f"layer {layer}"
 
@@ -253,7 +253,7 @@ def test_execute_leaves_weights_bit_identical(exact, tokenizer):
     assert sorted(update.deltas) == hparams.layers
     assert all(update.deltas[layer].norm() > 0 for layer in hparams.layers)
     assert all(update.keys[layer].shape[0] == 2 for layer in hparams.layers)
-    assert all(float(c.abs().max()) == 0.0 for c in state.previous_keys_cov.values())
+    assert all(float(c.abs().max()) == 0.0 for c in state.earlier_keys_kkt_sum.values())
     assert state.edit_log == []
 
 
@@ -271,15 +271,15 @@ def test_apply_twice_then_reset(exact, tokenizer):
     model, hparams, state = exact
     projectors = {layer: s.projector.clone() for layer, s in state.null_spaces.items()}
     apply_alphaedit_to_model(model, tokenizer, [FACTS[0]], hparams, state=state)
-    after_one = {layer: c.clone() for layer, c in state.previous_keys_cov.items()}
+    after_one = {layer: c.clone() for layer, c in state.earlier_keys_kkt_sum.items()}
     apply_alphaedit_to_model(model, tokenizer, [FACTS[1]], hparams, state=state)
     assert len(state.edit_log) == 2
     for layer in hparams.layers:
-        assert state.previous_keys_cov[layer].norm() > after_one[layer].norm() > 0
+        assert state.earlier_keys_kkt_sum[layer].norm() > after_one[layer].norm() > 0
     state.reset()
     assert state.edit_log == [] and state.edits_applied == 0
     for layer in hparams.layers:
-        assert torch.count_nonzero(state.previous_keys_cov[layer]) == 0
+        assert torch.count_nonzero(state.earlier_keys_kkt_sum[layer]) == 0
         assert torch.equal(state.null_spaces[layer].projector, projectors[layer])
 
 
@@ -301,8 +301,8 @@ def test_state_save_load_round_trip(tmp_path, arch, tokenizer):
         assert torch.equal(a.projector, b.projector)
         assert (a.rank, a.token_count) == (b.rank, b.token_count)
         assert a.heldout_keys is not None and torch.equal(a.heldout_keys, b.heldout_keys)
-        assert torch.equal(state.previous_keys_cov[layer], loaded.previous_keys_cov[layer])
-        assert loaded.previous_keys_cov[layer].norm() > 0
+        assert torch.equal(state.earlier_keys_kkt_sum[layer], loaded.earlier_keys_kkt_sum[layer])
+        assert loaded.earlier_keys_kkt_sum[layer].norm() > 0
     assert loaded.edit_log == state.edit_log
 
     # The loaded state edits exactly as the original does.
@@ -311,7 +311,7 @@ def test_state_save_load_round_trip(tmp_path, arch, tokenizer):
     apply_alphaedit_to_model(twin, tokenizer, [FACTS[1]], hparams, state=loaded)
     for layer in hparams.layers:
         assert torch.equal(weight_out_in(model, hparams, layer), weight_out_in(twin, hparams, layer))
-        assert torch.equal(state.previous_keys_cov[layer], loaded.previous_keys_cov[layer])
+        assert torch.equal(state.earlier_keys_kkt_sum[layer], loaded.earlier_keys_kkt_sum[layer])
 
 
 def test_copy_true_leaves_the_original_untouched(exact, tokenizer):

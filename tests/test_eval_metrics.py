@@ -11,7 +11,7 @@ from alphaedit_plugin.evaluation import EvalOptions, ModelScorer, counterfact, k
 from alphaedit_plugin.evaluation import glue, representation
 from alphaedit_plugin.evaluation.datasets import DatasetError
 from alphaedit_plugin.evaluation.fluency import fluency, ngram_entropy, tfidf_similarity
-from alphaedit_plugin.metrics import counterfact_scores
+from alphaedit_plugin.evaluation.counterfact import counterfact_scores
 
 from conftest import build_gpt2, build_llama, make_tokenizer
 

@@ -6,13 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from alphaedit_plugin.bench import (AlphaEditMethod, BenchConfig, BenchmarkError, MethodOptions, register_method,
-                                    run_benchmark)
+from alphaedit_plugin import AlphaEditHyperParams, register_method
+from alphaedit_plugin.bench import BenchConfig, BenchmarkError, MethodOptions, run_benchmark
 from alphaedit_plugin.bench.cli import main
-from alphaedit_plugin.bench.methods import unregister_method
 from alphaedit_plugin.evaluation import EvalOptions
+from alphaedit_plugin.methods.alphaedit import AlphaEdit
 
 from conftest import build_gpt2, exact_hparams, make_tokenizer, weights_snapshot, assert_weights_unchanged
+from toy_methods import Flaky, FlakyAlphaEditHyperParams, as_toy, registered
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -56,51 +57,41 @@ def test_end_to_end(tmp_path):
         assert (out / name).stat().st_size > 0, name
 
 
-class Flaky(AlphaEditMethod):
-    fail_at = None  # batch number (1-based) whose edit raises
-    calls = 0
-
-    def edit(self, requests):
-        Flaky.calls += 1
-        if Flaky.calls == Flaky.fail_at:
-            raise RuntimeError("simulated crash")
-        super().edit(requests)
-
-
 @pytest.fixture
 def flaky():
-    register_method("Flaky", Flaky, replace=True)
-    yield Flaky
-    unregister_method("Flaky")
+    with registered("FlakyAlphaEdit"):
+        yield Flaky
 
 
 def test_resume_after_a_failed_batch_gives_the_uninterrupted_result(tmp_path, flaky):
     model, tok = build_gpt2(), make_tokenizer()
     before = weights_snapshot(model)
-    cfg = dict(methods=("Flaky",), edits=5, batch_size=2, general_tasks=[], representation_prompts=0)
-    flaky.calls, flaky.fail_at = 0, 2
-    with pytest.raises(BenchmarkError, match=r"Flaky: batch 2 of 3 \(records 2\.\.3 of .*counterfact_flat\.json\) "
-                                             r"failed: RuntimeError: simulated crash.*run the same command again"):
+    hparams = as_toy(exact_hparams(tmp_path, "gpt2", v_num_grad_steps=8), FlakyAlphaEditHyperParams)
+    cfg = dict(methods=("FlakyAlphaEdit",), edits=5, batch_size=2, general_tasks=[], representation_prompts=0,
+               method_options={"FlakyAlphaEdit": MethodOptions(hparams=hparams)})
+    flaky.reset(fail_at=2)
+    with pytest.raises(BenchmarkError, match=r"FlakyAlphaEdit: batch 2 of 3 \(records 2\.\.3 of .*counterfact_flat"
+                                             r"\.json\) failed: .*simulated crash.*run the same command again"):
         run_benchmark(config(tmp_path, tmp_path / "run", **cfg), model, tok)
     assert_weights_unchanged(model, before)
-    progress = json.loads((tmp_path / "run" / "methods" / "Flaky" / "progress.json").read_text())
+    progress = json.loads((tmp_path / "run" / "methods" / "FlakyAlphaEdit" / "progress.json").read_text())
     assert progress["status"] == "failed" and progress["batches_done"] == 1 and progress["failed_batch"] == 2
-    assert (tmp_path / "run" / "methods" / "Flaky" / "checkpoint.pt").exists()
+    assert (tmp_path / "run" / "methods" / "FlakyAlphaEdit" / "checkpoint.pt").exists()
 
-    flaky.calls, flaky.fail_at = 0, None
+    flaky.reset()
     resumed = run_benchmark(config(tmp_path, tmp_path / "run", **cfg), model, tok)
     assert flaky.calls == 2  # batches 2 and 3 only: batch 1 was not redone
     flaky.calls = 0
     fresh = run_benchmark(config(tmp_path, tmp_path / "fresh", **cfg), model, tok)
     assert flaky.calls == 3
-    assert resumed["methods"]["Flaky"]["final"] == fresh["methods"]["Flaky"]["final"]
-    assert [p["metrics"] for p in resumed["methods"]["Flaky"]["curve"]] == \
-        [p["metrics"] for p in fresh["methods"]["Flaky"]["curve"]]
+    assert resumed["methods"]["FlakyAlphaEdit"]["final"] == fresh["methods"]["FlakyAlphaEdit"]["final"]
+    assert [p["metrics"] for p in resumed["methods"]["FlakyAlphaEdit"]["curve"]] == \
+        [p["metrics"] for p in fresh["methods"]["FlakyAlphaEdit"]["curve"]]
     assert_weights_unchanged(model, before)
 
     flaky.calls = 0  # a complete run is not redone
     again = run_benchmark(config(tmp_path, tmp_path / "run", **cfg), model, tok)
-    assert flaky.calls == 0 and again["methods"]["Flaky"]["final"] == resumed["methods"]["Flaky"]["final"]
+    assert flaky.calls == 0 and again["methods"]["FlakyAlphaEdit"]["final"] == resumed["methods"]["FlakyAlphaEdit"]["final"]
 
 
 def test_other_settings_in_the_same_folder_are_refused(tmp_path):
@@ -113,7 +104,7 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path):
 
 def test_registry_refuses_a_taken_name():
     with pytest.raises(ValueError, match="already registered"):
-        register_method("AlphaEdit", AlphaEditMethod)
+        register_method("AlphaEdit", AlphaEditHyperParams, AlphaEdit)
     with pytest.raises(ValueError, match="unknown method"):
         BenchConfig(methods=["NoSuch"], dataset="x", edits=1, batch_size=1, output="o").validate()
 

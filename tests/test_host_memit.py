@@ -1,12 +1,11 @@
-"""``memit_steps: easyeditor``: the executors on the EasyEdit host's own compute_z / compute_ks (issue #4).
+"""``memit_steps: easyeditor``: the MEMIT family on the EasyEdit host's own compute_z / compute_ks.
 
-Runs in .venv-easyedit (the PyPI host); in .venv the host-dependent tests skip, saying why, and the
-hparams and missing-host checks still run.
+The host tests run against the current EasyEdit source (../shared/hosts/EasyEdit) and skip, saying why,
+without it; the hparams and missing-host checks always run.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,17 +13,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 import yaml
-from conftest import BUILDERS, FACTS, assert_weights_unchanged, make_tokenizer, weights_snapshot, write_corpus
+from conftest import (BUILDERS, FACTS, assert_weights_unchanged, make_tokenizer, needs_host, run_without_host,
+                      weights_snapshot, write_corpus)
 from test_baselines_editing import baseline_hparams, make_state, preservation_with_and_without_p
 
-from alphaedit_plugin import EditError, normalise_requests
+from alphaedit_plugin import (EditError, MEMITHyperParams, PRUNEHyperParams, RECTHyperParams, apply_to_model,
+                              compute_update, load_hparams, normalise_requests)
 from alphaedit_plugin.architectures import templates_for
-from alphaedit_plugin.baselines import (MEMITHyperParams, PRUNEHyperParams, RECTHyperParams, apply_baseline_to_model,
-                                        executor_class, load_hparams)
-
-HAS_HOST = importlib.util.find_spec("easyeditor") is not None
-needs_host = pytest.mark.skipif(not HAS_HOST, reason="the EasyEdit host package `easyeditor` is not installed here; "
-                                                     "these tests run in .venv-easyedit")
 
 
 def host_variant(tmp_path, arch, method="MEMIT", projection=False, **overrides):
@@ -43,16 +38,23 @@ def test_memit_steps_is_validated_and_named_in_the_label(tmp_path):
         PRUNEHyperParams(layers=[1], memit_steps="host").validate()
 
 
-@pytest.mark.skipif(HAS_HOST, reason="checks the message given where easyeditor is missing; it is installed here")
 def test_without_the_host_the_error_says_what_to_install_and_nothing_changes(tmp_path):
-    from alphaedit_plugin.baselines.host_steps import HostUnavailableError
-
-    model, tok = BUILDERS["llama"](), make_tokenizer()
-    hparams = host_variant(tmp_path, "llama")
-    snapshot = weights_snapshot(model)
-    with pytest.raises(HostUnavailableError, match="memit_steps: easyeditor needs the EasyEdit host package"):
-        apply_baseline_to_model(model, tok, FACTS, hparams)
-    assert_weights_unchanged(model, snapshot)
+    result = run_without_host(
+        "import pytest\n"
+        "from pathlib import Path\n"
+        "from conftest import BUILDERS, FACTS, assert_weights_unchanged, make_tokenizer, weights_snapshot\n"
+        "from test_baselines_editing import baseline_hparams\n"
+        "from alphaedit_plugin import apply_to_model\n"
+        "from alphaedit_plugin.hosts.easyedit.memit_steps import HostUnavailableError\n"
+        "model, tok = BUILDERS['llama'](), make_tokenizer()\n"
+        f"hparams = baseline_hparams(Path({str(tmp_path)!r}), 'llama', 'MEMIT', False, memit_steps='easyeditor')\n"
+        "snapshot = weights_snapshot(model)\n"
+        "with pytest.raises(HostUnavailableError, match='memit_steps: easyeditor needs the EasyEdit host package'):\n"
+        "    apply_to_model(model, tok, FACTS, hparams)\n"
+        "assert_weights_unchanged(model, snapshot)\n"
+        "print('refused, weights unchanged')\n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "refused, weights unchanged" in result.stdout
 
 
 # ---------------------------------------------------------------------------
@@ -62,15 +64,15 @@ def host_execute_memit(model, tok, hparams, state, monkeypatch):
     """The host's own ``execute_memit`` (its whole MEMIT), fed our C0 and context prefixes through its caches."""
     from easyeditor.models.memit import memit_main
 
-    from alphaedit_plugin.baselines.host_steps import host_hparams, host_request
-    from alphaedit_plugin.easyedit.compat import host_step_call
+    from alphaedit_plugin.hosts.easyedit.memit_steps import host_hparams, host_request
+    from alphaedit_plugin.hosts.easyedit.compat import host_step_call
 
     templates = templates_for(model, hparams)
     model_key = model.config._name_or_path.replace("/", "_")
     cov = {(model_key, templates.rewrite_module_tmp.format(l)): state.second_moments[l].float()
            for l in hparams.layers}
     monkeypatch.setattr(memit_main, "COV_CACHE", cov)
-    monkeypatch.setattr(memit_main, "CONTEXT_TEMPLATES_CACHE", state.core.context_templates)
+    monkeypatch.setattr(memit_main, "CONTEXT_TEMPLATES_CACHE", state.context_templates)
     requests = [host_request(r) for r in normalise_requests(FACTS)]
     with host_step_call(model, tok, hparams.device):
         deltas = memit_main.execute_memit(model, tok, requests, host_hparams(model, hparams, templates))
@@ -80,12 +82,12 @@ def host_execute_memit(model, tok, hparams, state, monkeypatch):
 
 @needs_host
 def test_unprojected_is_the_hosts_own_memit(tmp_path, arch, tokenizer, monkeypatch):
-    """Same weights, statistics and prefixes: the executor's deltas equal the host's execute_memit's."""
+    """Same weights, statistics and prefixes: the edit loop's deltas equal the host's execute_memit's."""
     model = BUILDERS[arch]()
     hparams = host_variant(tmp_path, arch, mom2_update_weight=3.0)
     state = make_state(model, tokenizer, hparams, tmp_path)
     snapshot = weights_snapshot(model)
-    ours = executor_class(hparams)(hparams, state).execute(model, tokenizer, normalise_requests(FACTS))
+    ours = compute_update(model, tokenizer, normalise_requests(FACTS), hparams, state)
     assert_weights_unchanged(model, snapshot)
     host = host_execute_memit(model, tokenizer, hparams, state, monkeypatch)
     assert_weights_unchanged(model, snapshot)
@@ -110,7 +112,7 @@ def test_host_steps_are_the_ones_called(tmp_path, tokenizer, monkeypatch):
         monkeypatch.setattr(module, name, counting)
     model = BUILDERS["llama"]()
     hparams = host_variant(tmp_path, "llama", projection=True)
-    apply_baseline_to_model(model, tokenizer, FACTS, hparams, state=make_state(model, tokenizer, hparams, tmp_path))
+    apply_to_model(model, tokenizer, FACTS, hparams, state=make_state(model, tokenizer, hparams, tmp_path))
     assert calls == {"compute_z": len(FACTS), "compute_ks": len(hparams.layers)}
 
 
@@ -128,12 +130,12 @@ def test_projected_host_variant_carries_earlier_keys(tmp_path, tokenizer):
     model = BUILDERS["llama"]()
     hparams = host_variant(tmp_path, "llama", projection=True)
     state = make_state(model, tokenizer, hparams, tmp_path)
-    apply_baseline_to_model(model, tokenizer, FACTS[:1], hparams, state=state)
-    first = {l: v.clone() for l, v in state.core.previous_keys_cov.items()}
+    apply_to_model(model, tokenizer, FACTS[:1], hparams, state=state)
+    first = {l: v.clone() for l, v in state.earlier_keys_kkt_sum.items()}
     assert all(v.abs().sum() > 0 for v in first.values())
-    apply_baseline_to_model(model, tokenizer, FACTS[1:], hparams, state=state)
-    assert state.core.edits_applied == len(FACTS) and len(state.core.edit_log) == 2
-    assert all(torch.linalg.matrix_rank(state.core.previous_keys_cov[l]) > torch.linalg.matrix_rank(first[l])
+    apply_to_model(model, tokenizer, FACTS[1:], hparams, state=state)
+    assert state.edits_applied == len(FACTS) and len(state.edit_log) == 2
+    assert all(torch.linalg.matrix_rank(state.earlier_keys_kkt_sum[l]) > torch.linalg.matrix_rank(first[l])
                for l in hparams.layers)
 
 
@@ -145,7 +147,7 @@ def test_host_calls_leave_no_trace(tmp_path, tokenizer, capsys):
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     assert all(flags.values())
     hparams = host_variant(tmp_path, "gpt2", projection=True)
-    apply_baseline_to_model(model, tokenizer, FACTS[:1], hparams, state=make_state(model, tokenizer, hparams, tmp_path))
+    apply_to_model(model, tokenizer, FACTS[:1], hparams, state=make_state(model, tokenizer, hparams, tmp_path))
     assert capsys.readouterr().out == ""
     assert tokenizer.padding_side == "left"
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
@@ -161,8 +163,8 @@ def test_a_failing_host_step_leaves_weights_and_state_as_they_were(tmp_path, tok
     model = BUILDERS["llama"]()
     hparams = host_variant(tmp_path, "llama", projection=True)
     state = make_state(model, tokenizer, hparams, tmp_path)
-    apply_baseline_to_model(model, tokenizer, FACTS[:1], hparams, state=state)
-    snapshot, kept = weights_snapshot(model), {l: v.clone() for l, v in state.core.previous_keys_cov.items()}
+    apply_to_model(model, tokenizer, FACTS[:1], hparams, state=state)
+    snapshot, kept = weights_snapshot(model), {l: v.clone() for l, v in state.earlier_keys_kkt_sum.items()}
     calls = []
 
     def second_layer_fails(*args, **kwargs):
@@ -174,21 +176,21 @@ def test_a_failing_host_step_leaves_weights_and_state_as_they_were(tmp_path, tok
     original = compute_ks.compute_ks
     monkeypatch.setattr(compute_ks, "compute_ks", second_layer_fails)
     with pytest.raises(EditError, match="host failure in the second layer"):
-        apply_baseline_to_model(model, tokenizer, FACTS[1:], hparams, state=state)
+        apply_to_model(model, tokenizer, FACTS[1:], hparams, state=state)
     assert_weights_unchanged(model, snapshot)
-    assert all(torch.equal(state.core.previous_keys_cov[l], kept[l]) for l in hparams.layers)
-    assert state.core.edits_applied == 1
+    assert all(torch.equal(state.earlier_keys_kkt_sum[l], kept[l]) for l in hparams.layers)
+    assert state.edits_applied == 1
 
 
 @needs_host
 def test_base_editor_runs_the_host_step_variants(tmp_path, monkeypatch):
-    """Selected by the yaml alone, through the host's BaseEditor (CPU, the PyPI host's CUDA strings fixed)."""
+    """Selected by the yaml alone, through the host's BaseEditor (CPU)."""
     from easyeditor import BaseEditor
 
-    from alphaedit_plugin.baselines import easyedit as be
+    from alphaedit_plugin.hosts import easyedit as be
 
     be.register()
-    monkeypatch.chdir(tmp_path)  # the PyPI host writes logs/ into the working directory
+    monkeypatch.chdir(tmp_path)  # the host writes logs/ into the working directory
     for projection in (False, True):
         config = {"alg_name": "MEMIT", "projection": projection, "memit_steps": "easyeditor", "layers": [1, 2],
                   "v_num_grad_steps": 10, "v_lr": 0.5, "clamp_norm_factor": 10, "v_weight_decay": 1e-3, "L2": 0.1,
@@ -204,7 +206,9 @@ def test_base_editor_runs_the_host_step_variants(tmp_path, monkeypatch):
         editor = BaseEditor.from_hparams(hparams)
         layer = editor.model.get_submodule("model.layers.1.mlp.down_proj")
         before = layer.weight.detach().clone()
-        editor.edit(prompts=["The capital of France"], target_new=["Rome"], subject=["France"])
+        # The current host keeps an edit in the model only with sequential_edit=True (else it restores the weights).
+        keeps = {"sequential_edit": True} if be.inspect_host().has_sequential_edit else {}
+        editor.edit(prompts=["The capital of France"], target_new=["Rome"], subject=["France"], **keeps)
         assert not torch.equal(layer.weight, before)
         state = be.get_state(editor.model, hparams)
         assert state is not None and state.identity["method"] == hparams.label
@@ -219,7 +223,7 @@ def test_smollm2_host_memit_with_p_through_base_editor(tmp_path, monkeypatch):
 
     from easyeditor import BaseEditor
 
-    from alphaedit_plugin.baselines import easyedit as be
+    from alphaedit_plugin.hosts import easyedit as be
 
     models = pytest.importorskip("alphaedit_plugin.models", reason="alphaedit_plugin.models is not available")
     try:

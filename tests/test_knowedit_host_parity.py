@@ -2,11 +2,11 @@
 
 The host's functions (``compute_rewrite_or_rephrase_quality``, ``compute_portability_quality``,
 ``compute_locality_quality``, ``test_prediction_acc``, ``compute_n_gram_entropy``) are called directly,
-on CPU inside :func:`alphaedit_plugin.easyedit.compat.cuda_prefix_aliases` (they build ``cuda:{device}``
+on CPU inside :func:`alphaedit_plugin.hosts.easyedit.compat.cuda_prefix_aliases` (they build ``cuda:{device}``
 strings), on tiny random GPT-2 and Llama models, and compared with our figures (through
 :class:`ModelScorer`) probe by probe and case by case. Where the two legitimately differ, the test checks
 the relation the docstring of ``knowedit.py`` states: any alias vs. the host's first alias, the host's
-left-padded batches, its truncation to ``hparams.max_length``, legacy SentencePiece answer tokens, and
+left-padded batches, legacy SentencePiece answer tokens, and
 word tokens for Fluency.
 
 The tokenizer is conftest's word-level one with two settings of the real GPT-2/Llama tokenizers: no
@@ -23,28 +23,26 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import require_host
 import torch
 
-easyeditor = pytest.importorskip(
-    "easyeditor",
-    reason="the EasyEdit host package `easyeditor` is not importable in this environment; the host-parity "
-           "tests run in .venv-easyedit (scripts/setup_easyedit_env.sh)",
-)
+easyeditor = require_host()
 
 from pathlib import Path  # noqa: E402
 
 from conftest import BUILDERS, VOCAB, make_tokenizer  # noqa: E402
 from easyeditor.evaluate import evaluate_utils as host_utils  # noqa: E402
-from easyeditor.evaluate.evaluate import compute_locality_quality, compute_rewrite_or_rephrase_quality  # noqa: E402
-from easyeditor.evaluate.portability_evaluate import compute_portability_quality  # noqa: E402
+from easyeditor.evaluate.evaluate import (compute_locality_quality, compute_portability_quality,  # noqa: E402
+                                          compute_rewrite_or_rephrase_quality)
 
-from alphaedit_plugin.easyedit.compat import cuda_prefix_aliases  # noqa: E402
+from alphaedit_plugin.hosts.easyedit.compat import cuda_prefix_aliases  # noqa: E402
 from alphaedit_plugin.evaluation import EvalOptions, ModelScorer, knowedit, load_dataset  # noqa: E402
 from alphaedit_plugin.evaluation.fluency import fluency, ngram_entropy, words  # noqa: E402
 from alphaedit_plugin.evaluation.scoring import token_accuracy  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
-NO_TRUNCATION = types.SimpleNamespace(max_length=1000)  # truncation has its own test
+# The host reads alg_name and max_length off the hparams (truncation has its own test).
+NO_TRUNCATION = types.SimpleNamespace(max_length=1000, alg_name="AlphaEdit")
 OPTIONS = EvalOptions()
 SPECIAL_IDS = (0, 1, 2)  # <unk>, <pad>, <eos>
 
@@ -339,28 +337,19 @@ def test_host_batches_shift_positions(parity):
             assert batched[row] == ours[row][0]
 
 
-def test_host_truncates_to_max_length(parity):
-    """The PyPI host truncates prompt + answer to hparams.max_length tokens: it scores only the answer tokens
-    within the first max_length (ours: all). When the prompt fills them, a probe scored alone raises IndexError,
-    and a probe in a batch gets NaN, which test_prediction_acc drops from the kind's list."""
+def test_host_scores_every_answer_token_past_max_length(parity):
+    """The current host raises the truncation length to its longest prompt + answer (the 2023 PyPI release cut
+    them at hparams.max_length): a probe longer than max_length is scored on all its answer tokens, as ours."""
     arch, tok, _, post, _ = parity
-    limit = types.SimpleNamespace(max_length=40)
-    prompt = " ".join(VOCAB[3 + i % 60] for i in range(34))
+    limit = types.SimpleNamespace(max_length=40, alg_name="AlphaEdit")
     answer = " ".join(VOCAB[10 + i] for i in range(10))
-    (predicted, target), = ModelScorer(post, tok).token_predictions([(prompt, answer)])
-    host = host_call(compute_rewrite_or_rephrase_quality, post, arch, limit, tok, prompt, answer,
-                     device="cpu")["rewrite_acc"][0]
-    kept = 40 - len(tok(prompt)["input_ids"])
-    assert kept == 6 and len(target) == 10
-    assert float(host) == pytest.approx(token_accuracy(predicted[:kept], target[:kept]), abs=1e-12)
-    long_prompt = " ".join(VOCAB[3 + i % 60] for i in range(45))
-    with pytest.raises(IndexError):
-        host_call(compute_rewrite_or_rephrase_quality, post, arch, limit, tok, long_prompt, answer, device="cpu")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # the host's mean of an empty slice
-        batch = host_call(compute_portability_quality, post, arch, limit, tok, "Reasoning", [prompt, long_prompt],
-                          [answer, answer], device="cpu")["Reasoning_acc"]
-    assert len(batch) == 1  # the long probe is gone
+    for length in (34, 45):
+        prompt = " ".join(VOCAB[3 + i % 60] for i in range(length))
+        (predicted, target), = ModelScorer(post, tok).token_predictions([(prompt, answer)])
+        host = host_call(compute_rewrite_or_rephrase_quality, post, arch, limit, tok, prompt, answer,
+                         device="cpu")["rewrite_acc"][0]
+        assert len(tok(prompt + " " + answer)["input_ids"]) > 40 and len(target) == 10
+        assert float(host) == pytest.approx(token_accuracy(predicted, target), abs=1e-12)
 
 
 # ---------------------------------------------------------------------------- answer tokens (SentencePiece)

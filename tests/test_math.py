@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from alphaedit_plugin.projector import NullSpaceError, null_space_projector
-from alphaedit_plugin.solve import constrained_update, preservation_ratio
+from alphaedit_plugin.null_space_projector import NullSpaceError, null_space_projector
+from alphaedit_plugin.constrained_solve import constrained_update, preservation_ratio
 
 
 def generator(seed: int) -> torch.Generator:

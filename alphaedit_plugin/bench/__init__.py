@@ -1,10 +1,8 @@
 """The sequential-editing benchmark runner (``alphaedit-bench``); see docs/evaluation.md."""
 
-from .methods import (BASELINE_LABELS, HOST_STEP_LABELS, AlphaEditMethod, BaselineMethod, EditMethod, MethodOptions,
-                      UneditedMethod, available_methods, create_method, register_method)
+from .methods import (BenchMethod, MethodOptions, RegisteredMethodRun, UneditedMethod, available_methods,
+                      create_method)
 from .runner import BenchConfig, BenchmarkError, BenchmarkRunner, run_benchmark
 
-__all__ = ["BASELINE_LABELS", "HOST_STEP_LABELS", "AlphaEditMethod", "BaselineMethod", "BenchConfig", "BenchmarkError",
-           "BenchmarkRunner",
-           "EditMethod", "MethodOptions", "UneditedMethod", "available_methods", "create_method", "register_method",
-           "run_benchmark"]
+__all__ = ["BenchConfig", "BenchMethod", "BenchmarkError", "BenchmarkRunner", "MethodOptions", "RegisteredMethodRun",
+           "UneditedMethod", "available_methods", "create_method", "run_benchmark"]

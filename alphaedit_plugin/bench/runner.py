@@ -14,8 +14,7 @@ Output folder::
     run.json                      settings of the run (a different run in the same folder is refused)
     reference.json                what was read from the unedited model (pre-edit scores, locality predictions)
     methods/<name>/checkpoint.pt  edited weights + progress after the last finished batch
-    methods/<name>/state_b<t>/    the method's own state after batch t (AlphaEdit: its AlphaEditState;
-                                  MEMIT/PRUNE/RECT[+P]: their BaselineState)
+    methods/<name>/state_b<t>/    the method's editing state after batch t (state.pt, an EditingState)
     methods/<name>/progress.json  the same progress and the method's settings, readable;
                                   "status": running | failed | complete
     results.json, results.md, *.png
@@ -46,11 +45,10 @@ import torch
 
 from ..evaluation import EvalOptions, ModelScorer, family_module, load_dataset
 from ..evaluation.datasets import EditCase
-from .methods import (MethodOptions, available_methods, check_method_options, create_method,  # noqa: F401
-                      register_method)
+from .methods import MethodOptions, available_methods, check_method_options, create_method
 
 logger = logging.getLogger(__name__)
-FORMAT = 1
+FORMAT = 2  # 2: one editing-state file format for every method
 
 
 class BenchmarkError(RuntimeError):

@@ -1,44 +1,15 @@
-"""AlphaEdit inside EasyEdit: ``BaseEditor`` runs it when the hparams say ``alg_name: AlphaEdit``.
+"""Deprecated: the EasyEdit integration moved to :mod:`alphaedit_plugin.hosts.easyedit`.
 
-Importing this module registers the editor where the ``easyeditor`` package is
-installed (without it the module still imports, and :func:`register` raises an
-``ImportError`` that says how to install the host)::
-
-    from easyeditor import BaseEditor
-    from alphaedit_plugin import AlphaEditHyperParams
-    import alphaedit_plugin.easyedit  # or rely on `import alphaedit_plugin` doing it
-
-    editor = BaseEditor.from_hparams(AlphaEditHyperParams.from_hparams("hparams/AlphaEdit/smollm2-135m.yaml"))
-    metrics, edited_model, _ = editor.edit(prompts=[...], target_new=[...], subject=[...])
-
-See docs/easyedit.md for the name-clash rule, the host compatibility fixes and
-how sequential state is kept.
+The names users call keep working here (``reset_state``, ``get_state``,
+``register``, ...), with a ``DeprecationWarning`` on import.
 """
 
-import importlib.util as _importlib_util
+import warnings as _warnings
 
-from .adapter import EditingSession, apply_alphaedit_easyedit, get_state, reset_state
-from .compat import HostInfo, inspect_host
-from .registration import AlphaEditDispatcher, is_registered, register, unregister
+from ..hosts.easyedit import (AlphaEditDispatcher, EditingSession, HostInfo, MethodDispatcher,  # noqa: F401
+                              apply_alphaedit_easyedit, apply_easyedit, get_state, inspect_host, is_registered,
+                              register, reset_state, unregister)
+from ..hosts.easyedit import adapter, compat, registration  # noqa: F401
 
-__all__ = [
-    "AlphaEditDispatcher",
-    "EditingSession",
-    "HostInfo",
-    "apply_alphaedit_easyedit",
-    "get_state",
-    "inspect_host",
-    "is_registered",
-    "register",
-    "reset_state",
-    "unregister",
-]
-
-if _importlib_util.find_spec("easyeditor") is not None:
-    try:
-        register()
-    except Exception as _error:  # an installed but broken host (e.g. PyPI easyeditor under transformers 5)
-        import logging as _logging
-        _logging.getLogger(__name__).warning(
-            "alphaedit_plugin: easyeditor is installed but AlphaEdit could not be registered in it: %s: %s",
-            type(_error).__name__, _error)
+_warnings.warn("alphaedit_plugin.easyedit is deprecated; use alphaedit_plugin.hosts.easyedit",
+               DeprecationWarning, stacklevel=2)

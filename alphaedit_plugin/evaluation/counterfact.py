@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence
 
-from .datasets import EditCase
+from .datasets import EditCase, parse_records
 from .fluency import fit_idf, fluency, tfidf_similarity
-from .scoring import EvalOptions, percent
+from .scoring import EvalOptions, ModelScorer, percent
 
 HEADLINE = ["efficacy", "generalization", "specificity", "fluency", "consistency"]
 
@@ -66,6 +66,13 @@ def comparisons(scorer, cases: Sequence[EditCase]) -> Dict[str, List[float]]:
         if keeps:
             result["specificity"].append(sum(keeps) / len(keeps))
     return result
+
+
+def counterfact_scores(model, tok, records: Sequence[Dict[str, Any]]) -> Dict[str, float]:
+    """Efficacy, Generalization and Specificity (percent) of ``model`` on flat EasyEdit CounterFact records
+    (``prompt, target_new, ground_truth, rephrase_prompt, locality_prompt, locality_ground_truth``)."""
+    per_case = comparisons(ModelScorer(model, tok), parse_records(records, "counterfact_flat"))
+    return {name: percent(values) for name, values in per_case.items()}
 
 
 def generation_prompts(case: EditCase, count: int) -> List[str]:

@@ -394,6 +394,13 @@ def detect_schema(record: Any) -> Optional[str]:
     return None
 
 
+def parse_records(records: Sequence[Any], schema: str, source: str = "records") -> List[EditCase]:
+    """Records already in memory (a list of dicts in ``schema``) as cases; the first bad one raises DatasetError."""
+    if schema not in PARSERS:
+        raise DatasetError(f"unknown schema {schema!r}; known: {', '.join(sorted(PARSERS))}")
+    return [PARSERS[schema](_Record(source, i, record, schema)) for i, record in enumerate(records)]
+
+
 def load_dataset(path: Union[str, Path], schema: Optional[str] = None, family: Optional[str] = None,
                  skip_bad_records: bool = False) -> EditDataset:
     """Read a benchmark file (JSON list, or JSON Lines) into :class:`EditDataset`.

@@ -202,7 +202,7 @@ def _host_device(model):
 @contextmanager
 def _host_call(tok):
     """CPU-safe device strings and the host's left padding (``BaseEditor`` sets it for GPT-2/Llama tokenizers)."""
-    from ..easyedit.compat import cuda_prefix_aliases
+    from ..hosts.easyedit.compat import cuda_prefix_aliases
 
     side = tok.padding_side
     tok.padding_side = "left"
@@ -216,8 +216,10 @@ def _host_call(tok):
 def _host_args(model, max_length: int):
     from types import SimpleNamespace
 
-    # The host reads only hparams.max_length here, and the model name only to detect T5.
-    return getattr(model.config, "model_type", "causal-lm"), SimpleNamespace(max_length=max_length), _host_device(model)
+    # The host reads hparams.max_length and alg_name here (the current source switches GRACE to generation),
+    # and the model name only to detect T5.
+    hparams = SimpleNamespace(max_length=max_length, alg_name="AlphaEdit")
+    return getattr(model.config, "model_type", "causal-lm"), hparams, _host_device(model)
 
 
 def host_reference(model, tok, cases: Sequence[EditCase], max_length: int = HOST_MAX_LENGTH) -> List[Dict[str, list]]:
@@ -253,7 +255,10 @@ def host_evaluate(model, tok, cases: Sequence[EditCase], reference_data: Sequenc
     import torch
     from easyeditor.evaluate.evaluate import compute_locality_quality, compute_rewrite_or_rephrase_quality
     from easyeditor.evaluate.evaluate_utils import test_generation_quality
-    from easyeditor.evaluate.portability_evaluate import compute_portability_quality
+    try:  # the current source has it beside the others; the 2023 PyPI release in its own module
+        from easyeditor.evaluate.evaluate import compute_portability_quality
+    except ImportError:
+        from easyeditor.evaluate.portability_evaluate import compute_portability_quality
 
     if len(reference_data) != len(cases):
         raise ValueError(f"locality reference holds {len(reference_data)} cases, evaluation {len(cases)}")

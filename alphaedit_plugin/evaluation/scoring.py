@@ -3,7 +3,7 @@
 A *scorer* has three methods:
 
 - ``nll(pairs)``: mean per-token negative log-likelihood of each answer
-  (leading space added) after its prompt (:func:`alphaedit_plugin.metrics.answer_nll`);
+  (leading space added) after its prompt (:func:`answer_nll`);
 - ``token_predictions(pairs)``: teacher-forced top-1 tokens at each answer
   position, with the answer's own tokens: ``[(predicted_ids, answer_ids)]``;
 - ``generate(prompts, max_new_tokens, sample=False, top_k=5, seed=0)``: the
@@ -19,11 +19,40 @@ from typing import List, Sequence, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from ..metrics import PAIRS_PER_FORWARD, answer_nll, answer_sequences
-from ..tracing import encode, pad_right, pad_token_id
+from ..tracing import encode, pad_right, pad_token_id, prompt_and_answer_ids
 
 Pair = Tuple[str, str]
 GENERATION_BATCH = 16  # prompts per generate() call
+PAIRS_PER_FORWARD = 64
+
+
+def answer_sequences(tok, pairs: Sequence[Tuple[str, str]]) -> Tuple[List[List[int]], List[Tuple[int, List[int]]]]:
+    """Per pair, the ids of prompt + answer and ``(where the answer starts, its ids)``."""
+    sequences, spans = [], []
+    for prompt, answer in pairs:
+        prompt_ids, answer_ids = prompt_and_answer_ids(tok, prompt, answer)
+        sequences.append(prompt_ids + answer_ids)
+        spans.append((len(prompt_ids), answer_ids))
+    return sequences, spans
+
+
+@torch.no_grad()
+def answer_nll(model, tok, pairs: Sequence[Tuple[str, str]]) -> List[float]:
+    """Mean per-token negative log-likelihood of each answer (leading space added) after its prompt."""
+    device = next(model.parameters()).device
+    sequences, spans = answer_sequences(tok, pairs)
+    result: List[float] = []
+    starts = range(0, len(sequences), PAIRS_PER_FORWARD)
+    for start in tqdm(starts, desc=f"scoring {len(pairs)} answers", unit="batch", disable=len(starts) < 8,
+                      leave=False):
+        chunk = sequences[start:start + PAIRS_PER_FORWARD]
+        input_ids, mask = pad_right(chunk, pad_token_id(tok), device)
+        log_probs = model(input_ids=input_ids, attention_mask=mask).logits.float().log_softmax(-1)
+        for row, (offset, answer_ids) in enumerate(spans[start:start + PAIRS_PER_FORWARD]):
+            positions = torch.arange(offset - 1, offset - 1 + len(answer_ids), device=device)
+            picked = log_probs[row, positions, torch.tensor(answer_ids, device=device)]
+            result.append(float(-picked.mean()))
+    return result
 
 
 def token_accuracy(predicted: Sequence[int], target: Sequence[int]) -> float:

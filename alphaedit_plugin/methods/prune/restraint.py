@@ -1,4 +1,6 @@
-"""PRUNE (Ma et al., "Perturbation-restrained sequential model editing", ICLR 2025) on MEMIT.
+"""PRUNE's singular-value restraint (Ma et al., "Perturbation-restrained sequential model editing", ICLR 2025).
+
+Pure functions.
 
 Sequential edits accumulate an update ΔW_n = Σ_j Δ_j whose largest singular
 values grow with n, and with them the condition number of W + ΔW_n and the
@@ -15,7 +17,7 @@ exceeds the unrestrained one in any direction.
 
 Here each call solves MEMIT's update on the model as it stands, adds it to
 the unrestrained running total kept in the state (``raw_totals``), and
-writes W + F(total). (PRUNE's released code restrains the total of a run
+writes W + F(total) (:mod:`.method`). (PRUNE's released code restrains the total of a run
 made without restraint, a copy of the model it keeps on disk; a plugin edits
 the user's one model, so the updates are solved on the restrained model.)
 
@@ -28,11 +30,7 @@ second projection is needed.
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping
-
 import torch
-
-from .memit import ExecutorUpdate, MEMITExecutor
 
 
 def restraint(sigma: torch.Tensor, sigma_bar: float, base: float = math.e) -> torch.Tensor:
@@ -62,24 +60,3 @@ def restrain_singular_values(total: torch.Tensor, sigma_bar: float, base: float 
 
 def largest_sv(weight: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(weight.to(torch.float64), ord=2))
-
-
-class PRUNEExecutor(MEMITExecutor):
-    """MEMIT's update, written so that the model holds W + F(Σ_j Δ_j)."""
-
-    def combine(self, update: ExecutorUpdate, weights: Mapping[int, torch.Tensor]) -> Dict[int, torch.Tensor]:
-        changes, totals = {}, {}
-        for layer, delta in update.deltas.items():
-            original = self.state.original_weights[layer]
-            total = self.state.raw_totals[layer] + delta.to(self.state.raw_totals[layer])
-            restrained = restrain_singular_values(total, largest_sv(original), self.hparams.prune_log_base)
-            target = original.to(torch.float64) + restrained
-            changes[layer] = (target - weights[layer].to(torch.float64)).to(weights[layer].dtype)
-            totals[layer] = total
-        update.extras["raw_totals"] = totals
-        return changes
-
-    def commit(self, update: ExecutorUpdate) -> None:
-        super().commit(update)
-        for layer, total in update.extras["raw_totals"].items():
-            self.state.raw_totals[layer] = total

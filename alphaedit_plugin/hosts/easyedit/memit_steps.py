@@ -1,9 +1,9 @@
-"""The host's own MEMIT steps inside the plugin's executors (``memit_steps: easyeditor``).
+"""The host's own MEMIT steps inside the plugin's edit loop (``memit_steps: easyeditor``).
 
-The executors of :mod:`.memit` take their two expensive steps from the
-plugin by default: the batched target search and the context-averaged keys.
-With ``memit_steps: easyeditor`` they take them from the installed EasyEdit
-host instead, unchanged:
+The MEMIT family (:mod:`alphaedit_plugin.methods.memit`, PRUNE, RECT) takes
+its two expensive steps from the plugin by default: the batched target
+search and the context-averaged keys. With ``memit_steps: easyeditor`` it
+takes them from the installed EasyEdit host instead, unchanged:
 
 - targets: ``easyeditor.models.memit.compute_z.compute_z``, once per request
   (the host's loop), at the last edited layer;
@@ -12,7 +12,7 @@ host instead, unchanged:
   ``easyeditor.models.memit.compute_z.get_module_input_output_at_words``
   (``track="out"``) at the last edited layer, on the bare prompts.
 
-Only the solve stays the executor's, because it is the one line the paper
+Only the solve stays the plugin's, because it is the one line the paper
 changes: the host's ``execute_memit`` writes ``R K1ᵀ (λ C0 + K1 K1ᵀ)⁻¹``
 inline, so it cannot be handed P. Without P the result is therefore the
 host's MEMIT itself (``tests/test_host_memit.py`` checks the deltas against
@@ -27,7 +27,7 @@ local corpus and cached with their key), the context prefixes (the host's
 once with a seed and kept in the state, in the host's own format), and the
 request normalisation (a leading space on the target, ``{}`` for the
 subject), which ``execute_memit`` does before it calls these steps. The calls
-run inside :func:`alphaedit_plugin.easyedit.compat.host_step_call`, which
+run inside :func:`alphaedit_plugin.hosts.easyedit.compat.host_step_call`, which
 handles the host's hard-coded ``f"cuda:{device}"`` strings, its ``print``
 output, its right-padding assumption and its clearing of ``requires_grad``.
 """
@@ -41,9 +41,10 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from ..architectures import ModuleTemplates, get_module, num_layers
-from ..compute_targets import TargetSearchResult
-from ..requests import EditRequest
+from ...architectures import ModuleTemplates, get_module, num_layers
+from ...compute_targets import TargetSearchResult
+from ...requests import EditRequest
+from .compat import host_step_call
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def host_memit_modules():
         raise HostUnavailableError(
             f"memit_steps: easyeditor needs the EasyEdit host package (easyeditor) with its MEMIT "
             f"(easyeditor.models.memit); importing it failed with {type(error).__name__}: {error}. "
-            "Install it (scripts/setup_easyedit_env.sh builds such an environment) or set memit_steps: plugin"
+            "Put the EasyEdit source on sys.path (or install it), or set memit_steps: plugin"
         ) from error
     return compute_z, compute_ks, MEMITHyperParams
 
@@ -123,8 +124,13 @@ def host_request(request: EditRequest) -> Dict[str, Any]:
 
 
 class EasyEditMEMITSteps:
-    """Mixin: an executor's ``compute_targets`` and ``compute_keys`` are the host's. Must come before the
-    executor class (``executor_class`` builds the combinations)."""
+    """The target values and keys of the MEMIT family from the host's ``compute_z`` and ``compute_ks``."""
+
+    label = "easyeditor"
+
+    def __init__(self, hparams):
+        host_memit_modules()  # a clear error now if the host is missing, not in the middle of an edit
+        self.hparams = hparams
 
     def _host(self, model, templates: ModuleTemplates):
         cached = getattr(self, "_host_hparams", None)
@@ -134,8 +140,6 @@ class EasyEditMEMITSteps:
 
     def compute_targets(self, model, tok, requests: Sequence[EditRequest], templates, value_layer: int,
                         context_templates) -> TargetSearchResult:
-        from ..easyedit.compat import host_step_call
-
         compute_z_module, _, _ = host_memit_modules()
         host = self._host(model, templates)
         values: List[torch.Tensor] = []
@@ -152,8 +156,6 @@ class EasyEditMEMITSteps:
 
     def compute_keys(self, model, tok, requests: Sequence[EditRequest], templates, layer: int, value_layer: int,
                      context_templates) -> Tuple[torch.Tensor, torch.Tensor]:
-        from ..easyedit.compat import host_step_call
-
         _, compute_ks_module, _ = host_memit_modules()
         host = self._host(model, templates)
         with host_step_call(model, tok, self.hparams.device, label="easyeditor compute_ks"):

@@ -1,13 +1,16 @@
-"""Registering AlphaEdit in EasyEdit's ``ALG_DICT`` (idempotent, reversible).
+"""Registering the plugin's methods in EasyEdit's ``ALG_DICT`` (idempotent, reversible).
 
-The rule when the host already has an editor called "AlphaEdit" (the current
-EasyEdit source ships its own): ``ALG_DICT["AlphaEdit"]`` becomes an
-:class:`AlphaEditDispatcher` that chooses by the **type of the hparams
-object** -- ``alphaedit_plugin.AlphaEditHyperParams`` goes to the plugin,
-anything else (the host's own ``easyeditor.AlphaEditHyperParams``) to the
-host's original function, which the dispatcher keeps and calls unchanged.
-Both yaml files say ``alg_name: AlphaEdit``; the class that read the file
-decides. :func:`unregister` puts the host's entry back.
+Every method of :mod:`alphaedit_plugin.registry` gets an entry, a
+:class:`MethodDispatcher`; methods registered later get theirs as they
+register. Where the host already has an editor of that name (the current
+EasyEdit source ships its own AlphaEdit and MEMIT), the dispatcher chooses
+by the **type of the hparams object**: the plugin's hparams class goes to
+the plugin, anything else (the host's own ``easyeditor.AlphaEditHyperParams``)
+to the host's original function, which the dispatcher keeps and calls
+unchanged. Both yaml files say ``alg_name: AlphaEdit``; the class that read
+the file decides. Names the host does not have (PRUNE, RECT) raise a
+``TypeError`` for other hparams, saying how to load the plugin's.
+:func:`unregister` puts the host's entries back.
 
 ``register`` also wraps a few ``BaseEditor`` methods so that, for calls made
 with the plugin's hparams only, (a) a model given by path is loaded by the
@@ -23,44 +26,50 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from ..alphaedit_main import validate_setup
-from ..hparams import AlphaEditHyperParams
+from ... import registry
+from ...edit_loop import validate_setup
+from ...hparams import EditHyperParams
 from . import compat
-from .adapter import apply_alphaedit_easyedit
+from .adapter import apply_easyedit
 
 logger = logging.getLogger(__name__)
 
-ALG_NAME = compat.ALG_NAME
 _MARK = "__alphaedit_plugin_patch__"
 _WRAPPED_METHODS = ("edit", "batch_edit", "edit_dataset", "edit_requests", "normal_edit", "generate_edit")
 
 
-class AlphaEditDispatcher:
-    """What ``ALG_DICT["AlphaEdit"]`` holds once the plugin is registered."""
+class MethodDispatcher:
+    """What ``ALG_DICT[name]`` holds for a method of the plugin once it is registered."""
 
-    def __init__(self, host_apply: Optional[Callable], host: compat.HostInfo):
-        self.host_apply = host_apply  # the host's own AlphaEdit, or None
+    def __init__(self, name: str, host_apply: Optional[Callable], host: compat.HostInfo):
+        self.name = name
+        self.host_apply = host_apply  # the host's own editor of this name, or None
         self.host = host
         setattr(self, _MARK, True)
 
     def __call__(self, model, tok, requests, hparams, *args: Any, **kwargs: Any):
-        if isinstance(hparams, AlphaEditHyperParams):
-            return apply_alphaedit_easyedit(model, tok, requests, hparams, *args,
-                                            restores_only_kept_weights=self.host.restores_only_kept_weights, **kwargs)
+        entry = registry.entry_for(hparams)
+        if entry is not None and entry.name == self.name:
+            return apply_easyedit(model, tok, requests, hparams, *args,
+                                  restores_only_kept_weights=self.host.restores_only_kept_weights, **kwargs)
         if self.host_apply is not None:
             return self.host_apply(model, tok, requests, hparams, *args, **kwargs)
         raise TypeError(
-            f"ALG_DICT['AlphaEdit'] is alphaedit_plugin's editor and got hparams of type "
+            f"ALG_DICT[{self.name!r}] is alphaedit_plugin's {self.name} and got hparams of type "
             f"{type(hparams).__module__}.{type(hparams).__name__}; load them with "
-            "alphaedit_plugin.AlphaEditHyperParams.from_hparams(path)")
+            "alphaedit_plugin.load_hparams(path)")
 
     def __repr__(self) -> str:
-        fallback = "the host's own AlphaEdit" if self.host_apply is not None else "nothing"
-        return f"<alphaedit_plugin AlphaEdit for alphaedit_plugin hparams; other hparams go to {fallback}>"
+        fallback = f"the host's own {self.name}" if self.host_apply is not None else "nothing"
+        return f"<alphaedit_plugin {self.name} for alphaedit_plugin hparams; other hparams go to {fallback}>"
+
+
+# Its name before every method had one.
+AlphaEditDispatcher = MethodDispatcher
 
 
 # ---------------------------------------------------------------------------
@@ -69,53 +78,76 @@ def _alg_dict() -> dict:
         from easyeditor.util import alg_dict
     except ImportError as error:
         raise ImportError(
-            "alphaedit_plugin.easyedit needs the EasyEdit host package `easyeditor` "
-            f"({type(error).__name__}: {error}). Install it with scripts/setup_easyedit_env.sh "
-            "(PyPI easyeditor==0.0.1.dev0 with transformers 4.46), or put a checkout of the EasyEdit "
-            "source on PYTHONPATH") from error
+            "alphaedit_plugin.hosts.easyedit needs the EasyEdit host package `easyeditor` "
+            f"({type(error).__name__}: {error}). Put a checkout of the EasyEdit source on sys.path / PYTHONPATH "
+            "(git clone https://github.com/zjunlp/EasyEdit)") from error
     return alg_dict.ALG_DICT
 
 
-def registered_dispatcher() -> Optional[AlphaEditDispatcher]:
-    entry = _alg_dict().get(ALG_NAME)
+def registered_dispatcher(name: str = compat.ALG_NAME) -> Optional[MethodDispatcher]:
+    entry = _alg_dict().get(name)
     return entry if getattr(entry, _MARK, False) else None
 
 
-def is_registered() -> bool:
-    return registered_dispatcher() is not None
+def is_registered(name: Optional[str] = None) -> bool:
+    """Whether ``name`` (default: every registered method) has the plugin's entry in ``ALG_DICT``."""
+    names = [name] if name else [entry.name for entry in registry.registered_methods()]
+    return all(registered_dispatcher(n) is not None for n in names)
 
 
-def register() -> AlphaEditDispatcher:
-    """Add AlphaEdit to ``easyeditor.util.alg_dict.ALG_DICT``; calling it again changes nothing."""
+def _add(entry: registry.RegisteredMethod, host: compat.HostInfo) -> MethodDispatcher:
     table = _alg_dict()
-    existing = registered_dispatcher()
+    existing = registered_dispatcher(entry.name)
     if existing is not None:
         return existing
-    host = compat.inspect_host()
-    dispatcher = AlphaEditDispatcher(table.get(ALG_NAME), host)
-    _install_editor_hooks(dispatcher)
-    if not host.lists_alphaedit_as_batchable:
-        compat.allow_batch_editing()
-    table[ALG_NAME] = dispatcher
-    logger.info("alphaedit_plugin: registered AlphaEdit in easyeditor %s (%s)", host.version,
-                "dispatching by hparams type next to the host's own AlphaEdit" if host.has_own_alphaedit
-                else "new entry")
+    dispatcher = MethodDispatcher(entry.name, table.get(entry.name), host)
+    table[entry.name] = dispatcher
+    compat.allow_batch_editing([entry.name])
     return dispatcher
 
 
-def unregister() -> bool:
-    """Undo :func:`register`: the host's own entry (if any) and methods come back. True if anything changed."""
+def _remove(name: str) -> bool:
     table = _alg_dict()
-    dispatcher = registered_dispatcher()
+    dispatcher = registered_dispatcher(name)
     if dispatcher is None:
         return False
     if dispatcher.host_apply is not None:
-        table[ALG_NAME] = dispatcher.host_apply
+        table[name] = dispatcher.host_apply
     else:
-        del table[ALG_NAME]
-    _remove_editor_hooks()
-    compat.undo_batch_editing()
+        del table[name]
+    compat.disallow_batch_editing([name])
     return True
+
+
+def _on_registry_change(entry: registry.RegisteredMethod, added: bool) -> None:
+    if added:
+        _add(entry, compat.inspect_host())
+    else:
+        _remove(entry.name)
+
+
+def register() -> Dict[str, MethodDispatcher]:
+    """Add every registered method to ``easyeditor.util.alg_dict.ALG_DICT`` (and later ones as they register);
+    calling it again changes nothing."""
+    _alg_dict()  # a clear ImportError first where the host is missing
+    host = compat.inspect_host()
+    _install_editor_hooks(host)
+    result = {entry.name: _add(entry, host) for entry in registry.registered_methods()}
+    registry.add_listener(_on_registry_change)
+    logger.info("alphaedit_plugin: registered %s in easyeditor %s", ", ".join(result), host.version)
+    return result
+
+
+def unregister() -> bool:
+    """Undo :func:`register`: the host's own entries and methods come back. True if anything changed."""
+    registry.remove_listener(_on_registry_change)
+    changed = False
+    for entry in registry.registered_methods():
+        changed = _remove(entry.name) or changed
+    compat.disallow_batch_editing()
+    if changed:
+        _remove_editor_hooks()
+    return changed
 
 
 # ---------------------------------------------------------------------------
@@ -125,12 +157,11 @@ def _editor_class():
 
 
 def _ours(hparams) -> bool:
-    return isinstance(hparams, AlphaEditHyperParams)
+    return isinstance(hparams, EditHyperParams)
 
 
-def _install_editor_hooks(dispatcher: AlphaEditDispatcher) -> None:
+def _install_editor_hooks(host: compat.HostInfo) -> None:
     editor_cls = _editor_class()
-    host = dispatcher.host
     if not getattr(editor_cls.__init__, _MARK, False):
         editor_cls.__init__ = _wrap_init(editor_cls.__init__, host)
     for name in _WRAPPED_METHODS:
@@ -255,7 +286,7 @@ def model_label(model) -> str:
     return (getattr(config, "_name_or_path", "") or getattr(config, "model_type", "") or type(model).__name__)
 
 
-def load_model_and_tokenizer(path: str, hparams: AlphaEditHyperParams):
+def load_model_and_tokenizer(path: str, hparams: EditHyperParams):
     """Load a causal LM and its tokenizer from a local path (or a cached hub id) in float32."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,5 +1,5 @@
-"""RECT (Gu et al., "Model editing harms general abilities of large language models:
-regularization to the rescue", EMNLP 2024) on MEMIT.
+"""RECT's sparsification (Gu et al., "Model editing harms general abilities of large language models:
+regularization to the rescue", EMNLP 2024). Pure functions.
 
 RECT measures how much an update changes each weight relative to its size,
 |Δ_ij| / |W_ij|, keeps the top ``rect_top_fraction`` (40% in the paper) of
@@ -25,8 +25,6 @@ import math
 
 import torch
 
-from .memit import MEMITExecutor
-
 
 def relative_change_mask(delta: torch.Tensor, weight: torch.Tensor, fraction: float) -> torch.Tensor:
     """Boolean mask of the ceil(fraction · numel) entries with the largest |Δ|/|W| (zero Δ ranks last)."""
@@ -46,12 +44,3 @@ def relative_change_mask(delta: torch.Tensor, weight: torch.Tensor, fraction: fl
 def sparsify_by_relative_change(delta: torch.Tensor, weight: torch.Tensor, fraction: float) -> torch.Tensor:
     """RECT: Δ with every entry outside the top ``fraction`` by |Δ|/|W| set to zero."""
     return torch.where(relative_change_mask(delta, weight, fraction), delta, torch.zeros_like(delta))
-
-
-class RECTExecutor(MEMITExecutor):
-    """MEMIT's update, of which only the top entries by relative change are written."""
-
-    finalize_leaves_null_space = True  # zeroing entries breaks ΔK0 ≈ 0; the projection mixin reads this
-
-    def finalize(self, layer: int, delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return sparsify_by_relative_change(delta, weight, self.hparams.rect_top_fraction)

@@ -17,14 +17,15 @@ touched.
    only turn a crash into the intended placement, never change a working
    call. It is off where the host has no hard-coded CUDA (the current
    EasyEdit source) and where ``device`` is a CUDA index (``0``).
-2. ``BatchEditor.is_batchable_method`` (PyPI host) does not list AlphaEdit,
-   so ``batch_edit`` would refuse it; :func:`allow_batch_editing` adds the
-   name. Off where the host already lists it.
+2. ``BatchEditor.is_batchable_method`` does not list every method of the
+   plugin (the PyPI host: not AlphaEdit; the current source: not PRUNE or
+   RECT), so ``batch_edit`` would refuse them; :func:`allow_batch_editing`
+   adds the names it does not list.
 3. The weights-copy contract differs between the hosts (see
    :class:`HostInfo.restores_only_kept_weights`); the adapter reads it from
    here instead of guessing.
 4. Calling the host's own MEMIT steps (``compute_z``, ``compute_ks``;
-   :mod:`alphaedit_plugin.baselines.host_steps`). Besides ``.to(...)`` they
+   :mod:`alphaedit_plugin.hosts.easyedit.memit_steps`). Besides ``.to(...)`` they
    build tensors with ``torch.tensor(..., device=f"cuda:{device}")`` and
    ``torch.zeros(..., device=...)``, which fix 1 does not reach.
    :func:`host_step_call` runs such a call with a torch-function mode that
@@ -177,35 +178,46 @@ def cuda_aliases_active() -> bool:
 
 
 # ---------------------------------------------------------------------------
-# 2. BatchEditor does not list AlphaEdit (PyPI host)
+# 2. BatchEditor does not list the plugin's methods (PyPI host: not AlphaEdit; current host: not PRUNE, RECT)
 # ---------------------------------------------------------------------------
 def _original(function: Callable) -> Callable:
     return getattr(function, "__wrapped__", function) if getattr(function, _PATCH_MARK, False) else function
 
 
-def allow_batch_editing() -> bool:
-    """Let ``BatchEditor.is_batchable_method`` accept AlphaEdit; True if a patch was installed."""
+_BATCHABLE: set = set()  # the plugin's method names that BatchEditor is made to accept
+
+
+def allow_batch_editing(names) -> bool:
+    """Let ``BatchEditor.is_batchable_method`` accept ``names`` (those it does not list already); True if the
+    patch is installed now. Calls with other names reach the host's own function."""
     from easyeditor.editors.batch_editor import BatchEditor
 
     current = BatchEditor.is_batchable_method
-    if getattr(current, _PATCH_MARK, False) or current(ALG_NAME):
-        return False
+    host_function = _original(current)
+    _BATCHABLE.update(name for name in names if not host_function(name))
+    if getattr(current, _PATCH_MARK, False) or not _BATCHABLE:
+        return getattr(current, _PATCH_MARK, False)
 
-    @functools.wraps(current)
+    @functools.wraps(host_function)
     def is_batchable_method(alg_name: str) -> bool:
-        return alg_name == ALG_NAME or current(alg_name)
+        return alg_name in _BATCHABLE or host_function(alg_name)
 
     setattr(is_batchable_method, _PATCH_MARK, True)
     BatchEditor.is_batchable_method = staticmethod(is_batchable_method)
-    logger.debug("easyeditor BatchEditor: AlphaEdit added to the batchable methods")
+    logger.debug("easyeditor BatchEditor: %s added to the batchable methods", sorted(_BATCHABLE))
     return True
 
 
-def undo_batch_editing() -> None:
+def disallow_batch_editing(names=None) -> None:
+    """Take ``names`` (default: all) out again; the host's own function comes back when none is left."""
     from easyeditor.editors.batch_editor import BatchEditor
 
+    if names is None:
+        _BATCHABLE.clear()
+    else:
+        _BATCHABLE.difference_update(names)
     current = BatchEditor.is_batchable_method
-    if getattr(current, _PATCH_MARK, False):
+    if getattr(current, _PATCH_MARK, False) and not _BATCHABLE:
         BatchEditor.is_batchable_method = staticmethod(current.__wrapped__)
 
 

@@ -1,0 +1,322 @@
+"""The one edit loop: every method computes and applies its edits here.
+
+:func:`compute_update` works on the live model, because MEMIT-style editing
+spreads the residual over layers and each layer's keys depend on the updates
+already made below it; it restores every weight before it returns, success
+or failure. :func:`apply_update` then writes the update with the very same
+additions, checks that every written weight is finite, and commits the
+state last, so an edit is atomic: whatever fails or interrupts it (an
+exception, ``KeyboardInterrupt``), the weights and the state are either as
+before or as after the whole edit.
+
+A method (:mod:`alphaedit_plugin.methods`) supplies only what differs; the
+solve, where the null-space projection P enters for every "+P" method, is
+:func:`solve_layer`.
+"""
+
+from __future__ import annotations
+
+import copy as copy_module
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from . import registry
+from .architectures import (ModuleTemplates, UnknownArchitectureError, add_to_weight, get_module, num_layers,
+                            templates_for, weight_as_out_in)
+from .compute_targets import TargetSearchResult
+from .constrained_solve import preservation_ratio, solve_with_terms
+from .context_templates import generate_context_templates
+from .corpus import corpus_identity
+from .errors import DeltaError, EditError
+from .layer_statistics import load_or_compute_null_spaces, load_second_moments, model_identity
+from .layer_spreading import spread_residual
+from .methods.base import EditMethod
+from .requests import EditRequest, normalise_requests
+from .state import EditingState, EditRecord
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerUpdates:
+    """What one edit computed: per layer the update Δ (out, in), the keys K1 (n, d_in), and the targets."""
+
+    deltas: Dict[int, torch.Tensor]
+    keys: Dict[int, torch.Tensor]
+    targets: TargetSearchResult
+
+
+# ---------------------------------------------------------------------------
+# Checks and the state
+# ---------------------------------------------------------------------------
+def validate_setup(model, hparams) -> ModuleTemplates:
+    """Check layers and module templates against the model before anything runs; returns the templates."""
+    templates = templates_for(model, hparams)
+    total = num_layers(model)
+    bad = [layer for layer in hparams.layers if layer >= total]
+    if bad:
+        raise ValueError(f"layers {bad} are outside the model, which has blocks 0..{total - 1}")
+    if hparams.v_loss_layer >= total:
+        raise ValueError(f"v_loss_layer {hparams.v_loss_layer} is outside the model, which has blocks 0..{total - 1}")
+
+    def module_of(field_name: str, layer: int):
+        template = getattr(templates, field_name)
+        try:
+            return get_module(model, template.format(layer))
+        except UnknownArchitectureError as error:
+            raise UnknownArchitectureError(f"{field_name} {template!r} matches nothing at layer {layer}: {error}") from None
+
+    for layer in hparams.layers:
+        module = module_of("rewrite_module_tmp", layer)
+        if not hasattr(module, "weight") or module.weight.ndim != 2:
+            raise ValueError(f"rewrite_module_tmp {templates.rewrite_module_tmp!r} names {type(module).__name__} at "
+                             f"layer {layer}, which has no 2-D weight")
+        module_of("layer_module_tmp", layer)
+    get_module(model, templates.ln_f_module)
+    get_module(model, templates.lm_head_module)
+    return templates
+
+
+def state_identity(model, hparams, templates: ModuleTemplates, method: Optional[EditMethod] = None) -> Dict[str, Any]:
+    """What a state belongs to: the method, the model, the edited layers and module, the corpus and threshold."""
+    method = method or registry.method_for(hparams)
+    return {
+        "method": method.label,
+        "model": model_identity(model, hparams),
+        "layers": list(hparams.layers),
+        "rewrite_module_tmp": templates.rewrite_module_tmp,
+        "nullspace_threshold": hparams.nullspace_threshold,
+        "mom2": corpus_identity(hparams.mom2_dataset, hparams.mom2_max_tokens, hparams.seed),
+        "mom2_n_samples": hparams.mom2_n_samples,
+        **method.identity(),
+    }
+
+
+def edited_modules(model, hparams, templates: ModuleTemplates) -> Dict[int, torch.nn.Module]:
+    return {layer: get_module(model, templates.rewrite_module_tmp.format(layer)) for layer in hparams.layers}
+
+
+def create_state(model, tok, hparams) -> EditingState:
+    """A fresh editing state for ``hparams``' method: projectors and held-out keys (cached on disk), the
+    context prefixes, C0 where the method's solve has MEMIT's prior, and what the method keeps of the
+    unedited weights."""
+    method = registry.method_for(hparams)
+    templates = validate_setup(model, hparams)
+    null_spaces = load_or_compute_null_spaces(model, tok, hparams, templates)
+    second_moments = load_second_moments(model, tok, hparams, templates) if method.needs_second_moments else {}
+    context_templates = generate_context_templates(model, tok, hparams.context_template_count,
+                                                   hparams.context_template_length, hparams.seed)
+    weights = {layer: weight_as_out_in(module).detach()
+               for layer, module in edited_modules(model, hparams, templates).items()}
+    reference_tensors, running_sums = method.initial_tensors(weights)
+    device = next(model.parameters()).device
+    return EditingState(identity=state_identity(model, hparams, templates, method), null_spaces=null_spaces,
+                        context_templates=context_templates, second_moments=second_moments,
+                        reference_tensors=reference_tensors, running_sums=running_sums).to(device)
+
+
+# ---------------------------------------------------------------------------
+# The solve: the one place P enters
+# ---------------------------------------------------------------------------
+def solve_layer(method: EditMethod, state: EditingState, layer: int, keys: torch.Tensor,
+                residuals: torch.Tensor) -> torch.Tensor:
+    """The method's solve at ``layer``, with P, Kp Kpᵀ and C0 from the state where its terms have them.
+
+    keys: (d_in, n); residuals: (d_out, n).
+    """
+    terms = method.solve_terms()
+    if terms.mom2_prior_weight is not None and layer not in state.second_moments:
+        raise ValueError(f"{method.label} needs C0 of layer {layer} in the editing state, which has none; "
+                         "create the state with the method's own hparams")
+    return solve_with_terms(
+        keys, residuals, terms,
+        projector=state.projector_for(layer, keys.shape[0]) if terms.projection else None,
+        earlier_keys_kkt_sum=state.earlier_keys_kkt_sum[layer] if terms.earlier_keys else None,
+        second_moment=state.second_moments.get(layer) if terms.mom2_prior_weight is not None else None)
+
+
+# ---------------------------------------------------------------------------
+# Compute, then apply
+# ---------------------------------------------------------------------------
+def compute_update(model, tok, requests: Sequence[EditRequest], hparams, state: EditingState,
+                   method: Optional[EditMethod] = None, templates: Optional[ModuleTemplates] = None) -> LayerUpdates:
+    """Per-layer updates for ``requests``; the model's weights are left exactly as found."""
+    method = method or registry.method_for(hparams)
+    templates = templates or validate_setup(model, hparams)
+    steps = method.steps()
+    modules = edited_modules(model, hparams, templates)
+    originals = {layer: module.weight.detach().clone() for layer, module in modules.items()}
+    value_layer = hparams.layers[-1]
+    deltas: Dict[int, torch.Tensor] = {}
+    layer_keys: Dict[int, torch.Tensor] = {}
+    try:
+        targets = steps.compute_targets(model, tok, requests, templates, value_layer, state.context_templates)
+        for position, layer in enumerate(hparams.layers):
+            keys, current = steps.compute_keys(model, tok, requests, templates, layer, value_layer,
+                                               state.context_templates)
+            residual = spread_residual(targets.values, current, position, len(hparams.layers))
+            weight = weight_as_out_in(modules[layer]).detach()
+            delta = solve_layer(method, state, layer, keys.T, residual.T)
+            delta = method.finalize(layer, delta, weight, state)
+            check_delta(method.label, layer, delta, weight)
+            add_to_weight(modules[layer], delta)
+            deltas[layer] = delta
+            layer_keys[layer] = keys
+    except DeltaError:
+        raise
+    except Exception as error:
+        raise EditError(f"{method.label} failed, weights unchanged: {type(error).__name__}: {error}") from error
+    finally:
+        _restore(modules, originals)
+    return LayerUpdates(deltas=deltas, keys=layer_keys, targets=targets)
+
+
+def apply_update(model, requests: Sequence[EditRequest], hparams, state: EditingState, update: LayerUpdates,
+                 method: Optional[EditMethod] = None, templates: Optional[ModuleTemplates] = None,
+                 started: Optional[float] = None) -> EditRecord:
+    """Write ``update`` (through the method's ``combine``), then commit it to ``state``; returns its record."""
+    started = time.perf_counter() if started is None else started
+    method = method or registry.method_for(hparams)
+    templates = templates or validate_setup(model, hparams)
+    modules = edited_modules(model, hparams, templates)
+    before = {layer: weight_as_out_in(module).detach().clone() for layer, module in modules.items()}
+    try:
+        changes, running_sums = method.combine(update.deltas, before, state)
+    except DeltaError:
+        raise
+    except Exception as error:
+        raise EditError(f"{method.label} failed, weights unchanged: {type(error).__name__}: {error}") from error
+    check_deltas(method.label, changes, before)
+
+    originals = {layer: module.weight.detach().clone() for layer, module in modules.items()}
+    try:
+        for layer in hparams.layers:
+            add_to_weight(modules[layer], changes[layer])
+            if not torch.isfinite(modules[layer].weight).all():
+                raise FloatingPointError(f"layer {layer}: the edited weight holds NaN or inf")
+    except BaseException as error:  # KeyboardInterrupt between two layer writes too
+        _restore(modules, originals)
+        if isinstance(error, Exception):
+            raise EditError(f"{method.label} failed while writing, weights unchanged: {error}") from error
+        raise
+
+    try:
+        record = _record(requests, changes, before, update, state, time.perf_counter() - started)
+        state.commit(update.keys, record, running_sums)
+    except BaseException as error:  # the state is unchanged: put the weights back as well
+        _restore(modules, originals)
+        if isinstance(error, Exception):
+            raise EditError(f"{method.label} failed while recording the edit, weights unchanged: "
+                            f"{type(error).__name__}: {error}") from error
+        raise
+    logger.info("%s: %d request(s) in %.1f s; update norms %s; preservation ‖ΔK0‖/‖WK0‖ %s", method.label,
+                len(requests), record.seconds, {l: round(v, 3) for l, v in record.update_norms.items()},
+                {l: f"{v:.2e}" for l, v in record.preservation.items()})
+    return record
+
+
+def _record(requests: Sequence[EditRequest], changes: Mapping[int, torch.Tensor], before: Mapping[int, torch.Tensor],
+            update: LayerUpdates, state: EditingState, seconds: float) -> EditRecord:
+    preservation = {}
+    for layer, change in changes.items():
+        heldout = state.null_spaces[layer].heldout_keys
+        if heldout is not None:
+            preservation[layer] = preservation_ratio(change, before[layer], heldout.to(before[layer].device))
+    return EditRecord(requests=[r.as_dict() for r in requests],
+                      update_norms={layer: float(d.norm()) for layer, d in changes.items()},
+                      preservation=preservation, target_probability=update.targets.target_probability,
+                      seconds=seconds)
+
+
+def _restore(modules: Mapping[int, torch.nn.Module], originals: Mapping[int, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for layer, module in modules.items():
+            module.weight.copy_(originals[layer])
+
+
+def edit_in_place(model, tok, requests: Sequence[EditRequest], hparams, state: EditingState,
+                  method: Optional[EditMethod] = None, templates: Optional[ModuleTemplates] = None) -> LayerUpdates:
+    """Compute and write one batch of edits, then record it in ``state``; returns the update.
+
+    Atomic: if anything fails, every weight is exactly as before and the state is unchanged.
+    ``requests`` are normalised and ``state`` checked for this model (see :func:`apply_to_model`).
+    """
+    started = time.perf_counter()
+    method = method or registry.method_for(hparams)
+    templates = templates or validate_setup(model, hparams)
+    update = compute_update(model, tok, requests, hparams, state, method, templates)
+    apply_update(model, requests, hparams, state, update, method, templates, started)
+    return update
+
+
+def edited_weights_copy(model, templates: ModuleTemplates, layers: Sequence[int]) -> Dict[str, torch.Tensor]:
+    """Copies of the weights an edit changes, by parameter name (EasyEdit's ``weights_copy``)."""
+    return {f"{templates.rewrite_module_tmp.format(layer)}.weight":
+            get_module(model, templates.rewrite_module_tmp.format(layer)).weight.detach().clone() for layer in layers}
+
+
+def apply_to_model(
+    model,
+    tok,
+    requests: Sequence[Mapping],
+    hparams,
+    copy: bool = False,
+    return_orig_weights: bool = False,
+    keep_original_weight: bool = False,
+    state: Optional[EditingState] = None,
+    method: Optional[EditMethod] = None,
+    **kwargs: Any,
+) -> Tuple[Any, Dict[str, torch.Tensor]]:
+    """Edit ``model`` with the method ``hparams`` belong to, so that each request's prompt continues with its
+    new target. EasyEdit's ``apply_*_to_model`` contract: returns ``(model, weights_copy)``, where
+    ``weights_copy`` maps parameter names to their original values when ``return_orig_weights`` is set.
+
+    ``state`` carries projectors and earlier edits' keys across sequential calls; without one a fresh
+    state is made (from the on-disk cache) and the edit is treated as the first. ``method`` replaces the
+    registered method object (a subclass, for experiments). ``keep_original_weight`` and other EasyEdit
+    keywords are accepted; the host restores weights itself when it asks for that.
+
+    Atomic: if anything fails, every weight is exactly as before and the state is unchanged.
+    """
+    method = method or registry.method_for(hparams)
+    hparams.validate()
+    normalised = normalise_requests(requests)
+    templates = validate_setup(model, hparams)
+    if copy:
+        model = copy_module.deepcopy(model)
+    if state is None:
+        state = create_state(model, tok, hparams)
+    else:
+        state.check_compatible(state_identity(model, hparams, templates, method))
+    weights_copy = edited_weights_copy(model, templates, hparams.layers) if return_orig_weights else {}
+    edit_in_place(model, tok, normalised, hparams, state, method, templates)
+    return model, weights_copy
+
+
+def check_delta(label: str, layer: int, delta: Any, weight: torch.Tensor) -> None:
+    """Refuse a missing, misshapen or non-finite update, naming the method and the layer."""
+    if delta is None:
+        raise DeltaError(f"{label} produced no update for layer {layer}; weights unchanged")
+    if not isinstance(delta, torch.Tensor):
+        raise DeltaError(f"{label} produced a {type(delta).__name__} for layer {layer}, expected a tensor; "
+                         "weights unchanged")
+    if tuple(delta.shape) != tuple(weight.shape):
+        raise DeltaError(f"{label} produced an update of shape {tuple(delta.shape)} for layer {layer}, whose "
+                         f"weight is {tuple(weight.shape)} (out, in); weights unchanged")
+    if not torch.isfinite(delta).all():
+        raise DeltaError(f"{label} produced NaN or inf in the update of layer {layer}; weights unchanged")
+
+
+def check_deltas(label: str, deltas: Mapping[int, Any], weights: Mapping[int, torch.Tensor]) -> None:
+    if not isinstance(deltas, Mapping) or not deltas:
+        raise DeltaError(f"{label} produced no update at all; weights unchanged")
+    extra = sorted(set(deltas) - set(weights))
+    if extra:
+        raise DeltaError(f"{label} produced updates for layers {extra}, which are not edited "
+                         f"({sorted(weights)}); weights unchanged")
+    for layer, weight in weights.items():
+        check_delta(label, layer, deltas.get(layer), weight)

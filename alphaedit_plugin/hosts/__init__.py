@@ -1,0 +1,1 @@
+"""The hosts the plugin plugs into: EasyEdit (:mod:`.easyedit`)."""

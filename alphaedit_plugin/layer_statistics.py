@@ -1,0 +1,210 @@
+"""Statistics and projectors per edited layer: loaded from the cache, or computed once and cached.
+
+One step, read top to bottom in :func:`load_or_compute_null_spaces`:
+
+1. the key of each layer's statistics: the model (its id and a hash of every
+   weight the layer's keys depend on: embeddings and blocks up to the layer),
+   layer and module, the corpus (by content), the number of texts and tokens
+   per text, the dtype (:func:`statistics_keys`);
+2. a projector cached under that key plus the threshold is used as it is;
+3. for the other layers the second moment K0K0ᵀ/N is read from the cache,
+   and whatever is missing is computed in one pass over the corpus for all
+   those layers together (:func:`load_or_compute_second_moments`);
+4. P is computed from each moment (:mod:`.null_space_projector`) and cached.
+
+Every cached file stores its key and is refused if the key differs (:mod:`.cache`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from . import cache
+from .architectures import ModuleTemplates
+from .corpus import corpus_identity, corpus_token_sequences
+from .null_space_projector import null_space_projector
+from .second_moment import TOKENS_PER_BATCH, SecondMoment, collect_second_moments
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LayerNullSpace:
+    projector: torch.Tensor  # (d_in, d_in) float32
+    rank: int
+    heldout_keys: Optional[torch.Tensor]  # (m, d_in) float32, for the preservation figure
+    token_count: int
+
+
+def model_identity(model, hparams) -> str:
+    if isinstance(hparams.model_name, str) and hparams.model_name:
+        return hparams.model_name
+    return getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or model.config.model_type
+
+
+def heldout_every(hparams) -> int:
+    """Every how many corpus texts one is held out of the statistics (0: none)."""
+    return round(1 / hparams.mom2_heldout_fraction) if hparams.mom2_heldout_fraction > 0 else 0
+
+
+def key_weight_fingerprints(model, templates: ModuleTemplates, layers: List[int]) -> Dict[int, str]:
+    """Per layer, a hash of every weight the keys at that layer depend on.
+
+    The input of block l's output projection depends on the embeddings and on
+    blocks 0..l; those parameters (block l's own included) are hashed, each
+    tensor once, and combined per layer. The final norm and the head are left
+    out: nothing below them depends on them.
+    """
+    block_prefix = {i: templates.layer_module_tmp.format(i) + "." for i in range(max(layers) + 1)}
+    outside = (templates.ln_f_module + ".", templates.lm_head_module + ".")
+    blocks_root = templates.layer_module_tmp.split("{}")[0]  # e.g. "model.layers."
+    shared, per_block = [], {i: [] for i in block_prefix}
+    for name, parameter in model.named_parameters():
+        block = next((i for i, prefix in block_prefix.items() if name.startswith(prefix)), None)
+        if block is not None:
+            per_block[block].append(f"{name}:{cache.tensor_sha256(parameter)}")
+        elif not name.startswith(outside) and not name.startswith(blocks_root):
+            shared.append(f"{name}:{cache.tensor_sha256(parameter)}")
+    result, running = {}, list(shared)
+    for i in sorted(block_prefix):
+        running.extend(per_block[i])
+        if i in layers:
+            result[i] = cache.digest({"weights": running})
+    return result
+
+
+def statistics_keys(model, hparams, templates: ModuleTemplates) -> Dict[int, dict]:
+    """The cache key of every edited layer's second moment."""
+    corpus = corpus_identity(hparams.mom2_dataset, hparams.mom2_max_tokens, hparams.seed)
+    fingerprints = key_weight_fingerprints(model, templates, hparams.layers)
+    return {layer: {
+        "kind": "second_moment",
+        "format": FORMAT_VERSION,
+        "model": model_identity(model, hparams),
+        "weights_sha256": fingerprints[layer],
+        "layer": layer,
+        "module": templates.rewrite_module_tmp.format(layer),
+        **corpus,
+        "n_samples": hparams.mom2_n_samples,
+        "dtype": hparams.mom2_dtype,
+        "heldout_every": heldout_every(hparams),
+    } for layer in hparams.layers}
+
+
+def projector_key(statistics_key: dict, threshold: float) -> dict:
+    return {**statistics_key, "kind": "projector", "threshold": threshold}
+
+
+def _file_stem(key: dict) -> str:
+    return f"{cache.slug(key['module'])}__{cache.slug(key['corpus'])}__n{key['n_samples']}__{key['dtype']}"
+
+
+def statistics_path(root: Path, key: dict) -> Path:
+    return root / "stats" / cache.slug(key["model"]) / f"{_file_stem(key)}__{cache.digest(key)}.pt"
+
+
+def projector_path(root: Path, key: dict, threshold: float) -> Path:
+    return (root / "stats" / cache.slug(key["model"]) / "projectors" /
+            f"{_file_stem(key)}__thr{threshold:g}__{cache.digest(projector_key(key, threshold))}.pt")
+
+
+# ---------------------------------------------------------------------------
+def load_or_compute_null_spaces(model, tok, hparams, templates: ModuleTemplates) -> Dict[int, LayerNullSpace]:
+    """The projector (and held-out keys) of every edited layer."""
+    root = cache.cache_root(hparams.stats_dir)
+    threshold = hparams.nullspace_threshold
+    keys = statistics_keys(model, hparams, templates)
+    result: Dict[int, LayerNullSpace] = {}
+    for layer, key in keys.items():
+        path = projector_path(root, key, threshold)
+        stored = cache.load_keyed(path, projector_key(key, threshold))
+        if stored is not None:
+            logger.info("layer %d: using cached projector (null-space rank %d of %d) from %s", layer,
+                        stored["rank"], stored["projector"].shape[0], path)
+            result[layer] = LayerNullSpace(stored["projector"], int(stored["rank"]), stored["heldout_keys"],
+                                           int(stored["token_count"]))
+    to_compute = {layer: key for layer, key in keys.items() if layer not in result}
+    if to_compute:
+        moments = load_or_compute_second_moments(model, tok, hparams, templates, to_compute, root)
+        started = time.perf_counter()
+        for layer, stored in moments.items():
+            result[layer] = _projector_from(stored, layer, threshold, root, keys[layer])
+        logger.info("projectors for layers %s computed in %.1f s", sorted(moments), time.perf_counter() - started)
+    return {layer: result[layer] for layer in hparams.layers}
+
+
+def _projector_from(stored: dict, layer: int, threshold: float, root: Path, key: dict) -> LayerNullSpace:
+    projector = null_space_projector(stored["moment"], threshold, name=f"layer {layer}")
+    d_in = projector.matrix.shape[0]
+    logger.info("layer %d: null-space rank %d of %d (threshold %g, %d tokens)", layer, projector.rank, d_in,
+                threshold, stored["count"])
+    if projector.rank == d_in:
+        logger.warning("layer %d: every direction counts as null (threshold %g above all eigenvalues): the "
+                       "projection constrains nothing; lower nullspace_threshold", layer, threshold)
+    payload = {"projector": projector.matrix.float(), "rank": projector.rank, "heldout_keys": stored["heldout_keys"],
+               "token_count": int(stored["count"]), "eigenvalues": projector.eigenvalues}
+    cache.save_keyed(projector_path(root, key, threshold), projector_key(key, threshold), payload)
+    return LayerNullSpace(payload["projector"], projector.rank, stored["heldout_keys"], int(stored["count"]))
+
+
+def load_or_compute_second_moments(model, tok, hparams, templates: ModuleTemplates,
+                                   keys: Optional[Dict[int, dict]] = None,
+                                   root: Optional[Path] = None) -> Dict[int, dict]:
+    """``{layer: {"moment", "count", "heldout_keys"}}`` for ``keys`` (default: every edited layer).
+
+    Cached files are used; the layers without one are computed together, in one pass over the corpus.
+    """
+    root = root if root is not None else cache.cache_root(hparams.stats_dir)
+    keys = keys if keys is not None else statistics_keys(model, hparams, templates)
+    moments: Dict[int, dict] = {}
+    for layer, key in keys.items():
+        stored = cache.load_keyed(statistics_path(root, key), key)
+        if stored is not None:
+            logger.info("layer %d: using cached statistics (%d tokens) from %s", layer, stored["count"],
+                        statistics_path(root, key))
+            moments[layer] = stored
+    missing = {layer: key for layer, key in keys.items() if layer not in moments}
+    if missing:
+        started = time.perf_counter()
+        moments.update(_compute_second_moments(model, tok, hparams, templates, missing, root))
+        logger.info("statistics for layers %s computed in %.1f s", sorted(missing), time.perf_counter() - started)
+    return {layer: moments[layer] for layer in keys}
+
+
+def load_second_moments(model, tok, hparams, templates: ModuleTemplates) -> Dict[int, torch.Tensor]:
+    """C0 = K0K0ᵀ/N per edited layer, float64 (MEMIT's prior), from the cache or computed."""
+    stored = load_or_compute_second_moments(model, tok, hparams, templates)
+    return {layer: value["moment"].to(torch.float64) for layer, value in stored.items()}
+
+
+def _compute_second_moments(model, tok, hparams, templates, keys: Dict[int, dict], root: Path) -> Dict[int, dict]:
+    sequences = corpus_token_sequences(hparams.mom2_dataset, model, tok, hparams.mom2_n_samples,
+                                       hparams.mom2_max_tokens, hparams.seed)
+    partial_key = {"kind": "partial_second_moment", "layers": {str(l): k for l, k in keys.items()},
+                   "tokens_per_batch": TOKENS_PER_BATCH}
+    any_key = next(iter(keys.values()))
+    partial_path = root / "stats" / cache.slug(any_key["model"]) / f"partial__{cache.digest(partial_key)}.pt"
+    moments: Dict[int, SecondMoment] = collect_second_moments(
+        model, tok, sequences,
+        module_names={layer: key["module"] for layer, key in keys.items()},
+        stop_module=templates.layer_module_tmp.format(max(keys)),
+        heldout_every=heldout_every(hparams),
+        dtype=getattr(torch, hparams.mom2_dtype),
+        checkpoint_path=partial_path,
+        checkpoint_key=partial_key,
+        tokens_per_batch=TOKENS_PER_BATCH,
+    )
+    stats = {}
+    for layer, moment in moments.items():
+        stored = {"moment": moment.moment, "count": moment.count, "heldout_keys": moment.heldout_keys}
+        cache.save_keyed(statistics_path(root, keys[layer]), keys[layer], stored)
+        stats[layer] = stored
+    return stats
