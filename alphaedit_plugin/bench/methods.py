@@ -68,6 +68,11 @@ class BenchMethod:
         """Settings recorded in the results."""
         return {}
 
+    def preservation(self, originals: Dict[str, Any]) -> Optional[Dict[str, float]]:
+        """‖ΔW·K0‖/‖W·K0‖ per edited layer of everything written since ``originals`` (the parameters before the
+        first batch), on held-out corpus keys; None where the method has no such keys."""
+        return None
+
 
 class UneditedMethod(BenchMethod):
     """Makes no edit: the baseline row (the unedited model scored like the others)."""
@@ -126,6 +131,23 @@ class RegisteredMethodRun(BenchMethod):
 
     def describe(self):
         return {"label": self.label, "variant": self.hparams.label, "hparams": describe_hparams(self.hparams)}
+
+    def preservation(self, originals):
+        from ..architectures import get_module, is_transposed, weight_as_out_in
+        from ..constrained_solve import preservation_ratio
+
+        template = self._templates().rewrite_module_tmp
+        result = {}
+        for layer in self.hparams.layers:
+            keys = self.state.null_spaces[layer].heldout_keys
+            if keys is None:
+                continue
+            module = get_module(self.model, template.format(layer))
+            original = originals[f"{template.format(layer)}.weight"]
+            original = original.T if is_transposed(module) else original
+            now = weight_as_out_in(module).detach()
+            result[str(layer)] = preservation_ratio(now - original, original, keys.to(original.device))
+        return result or None
 
 
 # ---------------------------------------------------------------------------

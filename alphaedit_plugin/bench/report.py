@@ -34,21 +34,31 @@ def markdown_table(results: Dict[str, Any]) -> str:
                 if any(isinstance(r["final"].get(m), (int, float)) for r in results["methods"].values())
                 or isinstance(results["pre"].get(m), (int, float))]
     tasks = sorted((results.get("general_pre") or {}).keys())
+    preserved = any(r.get("preservation") for r in results["methods"].values())
     head = ["Method", "Edits"] + [LABELS.get(m, m) for m in headline] + [f"{t} F1" for t in tasks] + ["s/edit"]
+    head += ["‖ΔW·K0‖/‖W·K0‖"] if preserved else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     pre_general = results.get("general_pre") or {}
     lines.append("| " + " | ".join(["(before editing)", "0"] + [_fmt(results["pre"].get(m)) for m in headline]
-                                   + [_fmt(100 * pre_general[t]["f1_new"]) for t in tasks] + [""]) + " |")
+                                   + [_fmt(100 * pre_general[t]["f1_new"]) for t in tasks] + [""]
+                                   + (["0"] if preserved else [])) + " |")
     for name, r in results["methods"].items():
         general = r.get("general") or {}
         cells = [name, str(r["edits"])] + [_fmt(r["final"].get(m)) for m in headline]
         cells += [_fmt(100 * general[t]["f1_new"]) if t in general else "n/a" for t in tasks]
         cells.append(_fmt(r.get("seconds_per_edit")))
+        if preserved:
+            values = list((r.get("preservation") or {}).values())
+            cells.append(f"{sum(values) / len(values):.3f}" if values else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
     protocol = results["protocol"]
     text = [f"**{results['dataset']['family']}** ({results['dataset']['schema']}, `{results['dataset']['path']}`), "
             f"model `{results['model']}`: {protocol['edits']} cases edited in {protocol['batches']} sequential batches "
             f"of {protocol['batch_size']}, scored after the last batch (seed {protocol['seed']}).", ""] + lines
+    if preserved:
+        text += ["", "‖ΔW·K0‖/‖W·K0‖: how much the whole accumulated update moves the edited layers' outputs on "
+                     "held-out corpus keys, mean over the edited layers (`results.json` has each layer); lower "
+                     "preserves more."]
     if tasks:
         text += ["", "General-capability columns: weighted F1 ×100 of the likelihood-scored answers (`f1_new`); "
                      "`results.json` holds the generation-scored F1, MCC and counts too."]

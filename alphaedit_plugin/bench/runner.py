@@ -339,6 +339,9 @@ class BenchmarkRunner:
                 "seconds_per_edit": progress["edit_seconds"] / len(self.cases) if progress["edit_seconds"] else 0.0,
                 "prepare_seconds": progress.get("prepare_seconds"), "settings": method.describe(),
             }
+            preservation = method.preservation(originals)
+            if preservation:
+                result["preservation"] = preservation  # of the accumulated update, per layer
             result["curve"] = [start_point(reference)] + progress["curve"] + [
                 {"edits": len(self.cases), "metrics": final, "general": result["general"]}]
             if cfg.representation_prompts and reference.get("representation"):
@@ -377,6 +380,7 @@ class BenchmarkRunner:
         }
         for name in self.config.methods:
             results["methods"][name] = self._run_method(name, reference)
+        results["peak_memory_mb"] = peak_memory_mb(self.model)
         from .report import write_reports
 
         write_reports(results, self.out, reference=reference, plots=self.config.plots)
@@ -391,6 +395,17 @@ def machine_description(model) -> Dict[str, Any]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {"device": str(device), "device_name": name, "cpu_threads": torch.get_num_threads(),
             "torch": torch.__version__, "platform": platform.platform()}
+
+
+def peak_memory_mb(model) -> Dict[str, float]:
+    """The process's peak resident memory so far and, on a GPU, torch's peak allocation (MB)."""
+    import resource
+
+    peak = {"process_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        peak["cuda_allocated"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return peak
 
 
 def _headline(metrics: Dict[str, Any], family) -> str:
