@@ -91,10 +91,15 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     if unexpected or [k for k in missing if k != "lm_head.weight"]:
         raise ModelNotAvailableError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
-    staging = target.with_name(target.name + ".staging")
+    staging = target.with_name(f"{target.name}.staging-{os.getpid()}")  # one per process: two may convert at once
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(str(staging))
-    staging.rename(target)
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first: its checkpoint is the same
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_smollm2(device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,

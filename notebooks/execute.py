@@ -34,14 +34,16 @@ SAVED_KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python"
 logger = logging.getLogger("alphaedit_plugin.notebooks")
 
 
-def execute_notebook(path, timeout: int = 3600, save_to=None, python: str = sys.executable):
-    """Run every cell of the notebook at ``path`` in a new kernel of ``python``; returns the executed notebook.
+def execute_notebook(path, timeout: int = 3600, save_to=None, python: str = sys.executable, cells=None):
+    """Run the cells of the notebook at ``path`` in a new kernel of ``python``; returns the executed notebook.
 
     ``timeout`` is per cell, in seconds. ``save_to``: where to write the notebook with its outputs
-    (nothing is written if None).
+    (nothing is written if None). ``cells``: run only the first ``cells`` cells (default: all).
     """
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
+    if cells is not None:
+        nb.cells = nb.cells[:cells]
     with tempfile.TemporaryDirectory(prefix="alphaedit-kernel-") as folder:
         spec_dir = Path(folder) / KERNEL_NAME
         spec_dir.mkdir()

@@ -197,3 +197,31 @@ def run_without_host(code: str, timeout: int = 300) -> subprocess.CompletedProce
              "assert importlib.util.find_spec('easyeditor') is None, 'easyeditor is installed in this interpreter'\n")
     return subprocess.run([sys.executable, "-c", guard + code], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=str(ROOT))
+
+
+# ---------------------------------------------------------------------------
+# The real model: one statistics cache for the whole run
+# ---------------------------------------------------------------------------
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext" / "wiki.test.raw"
+# The statistics of every test on SmolLM2: WikiText (200 texts of up to 256 tokens) where ../shared is here,
+# else text the model samples itself.
+SMOLLM2_CORPUS = (str(WIKITEXT), 200) if WIKITEXT.is_file() else ("self", 128)
+
+
+@pytest.fixture(scope="session")
+def smollm2_stats_dir(tmp_path_factory):
+    """One statistics cache for every test on the real model in this run, the notebooks' included (shared by the
+    pytest-xdist workers too: cache files are keyed, checked on load and written atomically)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path = root / "smollm2-stats"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def use_smollm2_statistics(hparams, stats_dir):
+    """The run's shared SmolLM2 statistics settings on ``hparams`` (see ``SMOLLM2_CORPUS``)."""
+    hparams.mom2_dataset, hparams.mom2_n_samples = SMOLLM2_CORPUS
+    hparams.stats_dir = str(stats_dir)
+    return hparams

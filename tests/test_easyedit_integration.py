@@ -15,7 +15,8 @@ import yaml
 
 easyeditor = require_host()
 
-from conftest import VOCAB, build_gpt2, build_llama, make_tokenizer, write_corpus  # noqa: E402
+from conftest import (VOCAB, build_gpt2, build_llama, make_tokenizer, use_smollm2_statistics,  # noqa: E402
+                      write_corpus)
 from easyeditor import BaseEditor  # noqa: E402
 from easyeditor.util.alg_dict import ALG_DICT  # noqa: E402
 
@@ -326,18 +327,15 @@ def test_request_without_subject_is_refused_before_any_weight_changes(tmp_path):
 
 # ---------------------------------------------------------------------------
 @pytest.mark.real_model
-def test_smollm2_through_the_host(tmp_path):
+def test_smollm2_through_the_host(tmp_path, smollm2_stats_dir):
     models = pytest.importorskip("alphaedit_plugin.models", reason="alphaedit_plugin.models is not available")
     try:
         model, tok = models.load_smollm2()
     except Exception as error:  # the wheel is not installed: say so
         pytest.skip(f"SmolLM2 not available: {type(error).__name__}: {error}")
     root = Path(__file__).resolve().parents[1]
-    wikitext = root.parent / "shared" / "data" / "wikitext" / "wiki.test.raw"
     hparams = AlphaEditHyperParams.from_hparams(root / "hparams" / "AlphaEdit" / "smollm2-135m.yaml")
-    hparams.stats_dir = str(tmp_path / "stats")
-    hparams.mom2_dataset = str(wikitext) if wikitext.is_file() else "self"
-    hparams.mom2_n_samples = 200 if wikitext.is_file() else 128
+    use_smollm2_statistics(hparams, smollm2_stats_dir)
     hparams.batch_size = 1
     hparams.model_name = (model, tok)
     editor = BaseEditor.from_hparams(hparams)

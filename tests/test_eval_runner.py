@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from alphaedit_plugin import AlphaEditHyperParams, register_method
 from alphaedit_plugin.bench import BenchConfig, BenchmarkError, MethodOptions, run_benchmark

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from conftest import (BUILDERS, FACTS, assert_weights_unchanged, make_tokenizer, needs_host, run_without_host,
-                      weights_snapshot, write_corpus)
+                      use_smollm2_statistics, weights_snapshot, write_corpus)
 from test_baselines_editing import baseline_hparams, make_state, preservation_with_and_without_p
 
 from alphaedit_plugin import (EditError, MEMITHyperParams, PRUNEHyperParams, RECTHyperParams, apply_to_model,
@@ -217,7 +217,7 @@ def test_base_editor_runs_the_host_step_variants(tmp_path, monkeypatch):
 
 @needs_host
 @pytest.mark.real_model
-def test_smollm2_host_memit_with_p_through_base_editor(tmp_path, monkeypatch):
+def test_smollm2_host_memit_with_p_through_base_editor(tmp_path, monkeypatch, smollm2_stats_dir):
     """The real model through the host: MEMIT@easyeditor+P from its shipped yaml makes the edit hold."""
     from pathlib import Path
 
@@ -233,12 +233,9 @@ def test_smollm2_host_memit_with_p_through_base_editor(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     be.register()
     root = Path(__file__).resolve().parents[1]
-    wikitext = root.parent / "shared" / "data" / "wikitext" / "wiki.test.raw"
     hparams = load_hparams(root / "hparams" / "MEMIT" / "smollm2-135m-easyeditor-projected.yaml")
     assert hparams.label == "MEMIT@easyeditor+P"
-    hparams.stats_dir = str(tmp_path / "stats")
-    hparams.mom2_dataset = str(wikitext) if wikitext.is_file() else "self"
-    hparams.mom2_n_samples = 200 if wikitext.is_file() else 128
+    use_smollm2_statistics(hparams, smollm2_stats_dir)
     hparams.model_name = (model, tok)
     editor = BaseEditor.from_hparams(hparams)
     metrics, _, _ = editor.edit(prompts=["The Eiffel Tower is located in the city of"], target_new=["Rome"],

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import use_smollm2_statistics
 
 from alphaedit_plugin import AlphaEditHyperParams, apply_alphaedit_to_model, create_state
 from alphaedit_plugin.demo import first_word, top_answer
 
 pytestmark = pytest.mark.real_model
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext" / "wiki.test.raw"
 HPARAMS = Path(__file__).resolve().parents[1] / "hparams" / "AlphaEdit" / "smollm2-135m.yaml"
 
 EDITS = [
@@ -50,12 +50,9 @@ def log_prob(model, tok, prompt: str, answer: str) -> float:
     return float(sum(logits[p, t] for p, t in zip(positions, answer_ids)) / len(answer_ids))
 
 
-def test_sequential_edits_on_smollm2(smollm2, tmp_path):
+def test_sequential_edits_on_smollm2(smollm2, smollm2_stats_dir):
     model, tok = smollm2
-    hparams = AlphaEditHyperParams.from_hparams(HPARAMS)
-    hparams.stats_dir = str(tmp_path / "cache")
-    hparams.mom2_dataset = str(WIKITEXT) if WIKITEXT.is_file() else "self"
-    hparams.mom2_n_samples = 200 if WIKITEXT.is_file() else 128
+    hparams = use_smollm2_statistics(AlphaEditHyperParams.from_hparams(HPARAMS), smollm2_stats_dir)
     original = {name: p.detach().clone() for name, p in model.named_parameters()}
     before = {prompt: top_answer(model, tok, prompt) for prompt in NEIGHBOURS}
     try:

@@ -63,7 +63,6 @@ def test_a_format_1_state_loads_and_carries_on_as_before(tmp_path, name, file):
 
 
 def test_a_state_file_for_another_setting_or_of_an_unknown_format_is_refused(tmp_path):
-    tok = make_tokenizer()
     hparams = legacy_setting(tmp_path, "AlphaEdit")
     model = BUILDERS["llama"]()
     other = state_identity(model, exact_hparams(tmp_path, "llama", model_name="another"), templates_for(model, hparams))

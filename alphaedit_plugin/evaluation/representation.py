@@ -21,7 +21,7 @@ Figures (``shift_figures``), on the two point sets A (before) and B (after):
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
