@@ -20,6 +20,7 @@ import copy as copy_module
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -35,6 +36,7 @@ from .errors import DeltaError, EditError
 from .layer_statistics import load_or_compute_null_spaces, load_second_moments, model_identity
 from .layer_spreading import spread_residual
 from .methods.base import EditMethod
+from .projector_file import file_identity, load_projector_file
 from .requests import EditRequest, normalise_requests
 from .state import EditingState, EditRecord
 
@@ -81,9 +83,20 @@ def validate_setup(model, hparams) -> ModuleTemplates:
     return templates
 
 
+def projector_file(hparams) -> Optional[Path]:
+    """The ``P_loc`` file the projectors come from, or None (no ``P_loc``, or no file there: P is computed)."""
+    if hparams.P_loc is None:
+        return None
+    path = Path(hparams.P_loc).expanduser()
+    return path if path.is_file() else None
+
+
 def state_identity(model, hparams, templates: ModuleTemplates, method: Optional[EditMethod] = None) -> Dict[str, Any]:
-    """What a state belongs to: the method, the model, the edited layers and module, the corpus and threshold."""
+    """What a state belongs to: the method, the model, the edited layers and module, the corpus and threshold
+    (or the ``P_loc`` file the projectors came from)."""
     method = method or registry.method_for(hparams)
+    from_file = projector_file(hparams)
+    extra = {"projector_file": file_identity(from_file)} if from_file is not None else {}
     return {
         "method": method.label,
         "model": model_identity(model, hparams),
@@ -93,6 +106,7 @@ def state_identity(model, hparams, templates: ModuleTemplates, method: Optional[
         "mom2": corpus_identity(hparams.mom2_dataset, hparams.mom2_max_tokens, hparams.seed),
         "mom2_n_samples": hparams.mom2_n_samples,
         **method.identity(),
+        **extra,
     }
 
 
@@ -106,12 +120,20 @@ def create_state(model, tok, hparams) -> EditingState:
     unedited weights."""
     method = registry.method_for(hparams)
     templates = validate_setup(model, hparams)
-    null_spaces = load_or_compute_null_spaces(model, tok, hparams, templates)
+    modules = edited_modules(model, hparams, templates)
+    from_file = projector_file(hparams)
+    if from_file is not None:
+        null_spaces = load_projector_file(from_file, hparams.layers,
+                                          {layer: weight_as_out_in(m).shape[1] for layer, m in modules.items()})
+    else:
+        if hparams.P_loc is not None:
+            logger.info("P_loc %s does not exist: P is computed from the statistics and cached (not written there)",
+                        hparams.P_loc)
+        null_spaces = load_or_compute_null_spaces(model, tok, hparams, templates)
     second_moments = load_second_moments(model, tok, hparams, templates) if method.needs_second_moments else {}
     context_templates = generate_context_templates(model, tok, hparams.context_template_count,
                                                    hparams.context_template_length, hparams.seed)
-    weights = {layer: weight_as_out_in(module).detach()
-               for layer, module in edited_modules(model, hparams, templates).items()}
+    weights = {layer: weight_as_out_in(module).detach() for layer, module in modules.items()}
     reference_tensors, running_sums = method.initial_tensors(weights)
     device = next(model.parameters()).device
     return EditingState(identity=state_identity(model, hparams, templates, method), null_spaces=null_spaces,

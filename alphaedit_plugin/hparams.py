@@ -18,12 +18,15 @@ registry's ``load_hparams`` uses it to pick the class by ``alg_name``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, List, Optional, Tuple, Union
 
 import yaml
+
+logger = logging.getLogger(__name__)
 
 FACT_TOKEN_STRATEGIES = ("subject_last", "subject_first", "last")
 MOM2_DTYPES = ("float32", "float64")
@@ -73,6 +76,12 @@ class EditHyperParams:
         "Share of corpus texts kept out of the statistics to measure preservation on unseen keys.", default=0.05
     )
     layer_selection: str = _help("Kept for EasyEdit compatibility; only 'all' is meaningful.", default="all")
+    P_loc: Optional[str] = _help(
+        "A precomputed projector in EasyEdit's format: one (layers, d, d) tensor saved with torch.save, slice i the "
+        "P of the i-th edited layer (the AlphaEdit authors distribute one for Llama-3-8B). Where the file exists "
+        "it is used instead of computing P, after checking it against the model and layers; where it does not, P "
+        "is computed from the statistics and cached in the cache folder (never written to P_loc). Relative paths "
+        "are read from the working directory, as EasyEdit does.", default=None)
     context_template_count: int = _help("Generated context prefixes the keys and targets are averaged over.", default=5)
     context_template_length: int = _help("Tokens per generated context prefix.", default=10)
 
@@ -93,7 +102,11 @@ class EditHyperParams:
     )
     batch_size: int = _help("Requests per chunk in EasyEdit's batch_edit (its edit() needs 1).", default=1)
     max_length: int = _help("Maximum generation length used by EasyEdit evaluators.", default=40)
-    model_parallel: bool = _help("Kept for EasyEdit compatibility; the edit runs on the model's device.", default=False)
+    model_parallel: bool = _help(
+        "When the plugin loads the model by path: spread it over the available devices (device_map='auto'), as "
+        "EasyEdit's loader does.", default=False)
+    fp16: bool = _help("When the plugin loads the model by path: load it in float16, as EasyEdit's loader does.",
+                       default=False)
     seed: int = _help("Seed for context-template sampling and self-corpus generation.", default=0)
     # Fields EasyEdit reads off MEMIT-style hparams; kept so its code paths find them.
     mom2_adjustment: bool = _help("Unused (EasyEdit's MEMIT-style yaml files carry it).", default=True)
@@ -139,6 +152,11 @@ class EditHyperParams:
         _require(self, "mom2_heldout_fraction", float, lambda v: 0 <= v < 1, "a number in [0, 1)")
         if not isinstance(self.mom2_dataset, str) or not self.mom2_dataset:
             raise ValueError(f"mom2_dataset must be a non-empty string (a path, 'self' or a hub name), got {self.mom2_dataset!r}")
+        if self.P_loc is not None and (not isinstance(self.P_loc, str) or not self.P_loc):
+            raise ValueError(f"P_loc must be the path of a projector file (or left out), got {self.P_loc!r}")
+        for name in ("model_parallel", "fp16"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or "{}" not in value):
@@ -166,7 +184,9 @@ class EditHyperParams:
             raise ValueError(f"{source}: unknown field(s) {unknown}; allowed fields are {sorted(known)}")
         if "layers" not in config:
             raise ValueError(f"{source}: missing required field 'layers' (the blocks to edit, e.g. [4, 5, 6, 7, 8])")
-        return cls(**{key: _coerce_number(value) for key, value in config.items()})
+        hparams = cls(**{key: _coerce_number(value) for key, value in config.items()})
+        _log_unused_once(cls, [name for name in cls.UNUSED_FIELDS if name in config], source)
+        return hparams
 
     def to_dict(self) -> dict:
         result = dataclasses.asdict(self)
@@ -188,8 +208,10 @@ class EditHyperParams:
         return self.alg_name
 
     RUNTIME_FIELDS: ClassVar[Tuple[str, ...]] = (
-        "alg_name", "model_name", "device", "stats_dir", "batch_size", "max_length", "model_parallel",
+        "alg_name", "model_name", "device", "stats_dir", "batch_size", "max_length", "model_parallel", "fp16",
         "mom2_adjustment", "mom2_update_weight")
+    # Fields EasyEdit's yaml files carry that this method accepts and does not use (logged once at INFO).
+    UNUSED_FIELDS: ClassVar[Tuple[str, ...]] = ("mom2_adjustment", "layer_selection")
 
     def method_fields(self) -> dict:
         """The fields that change what an edit computes (recorded in results and logs)."""
@@ -208,6 +230,18 @@ def read_yaml(path: Union[str, os.PathLike]) -> Tuple[dict, str]:
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a mapping of hparams fields, got {type(config).__name__}")
     return config, str(path)
+
+
+_LOGGED_UNUSED: set = set()
+
+
+def _log_unused_once(cls: type, names: List[str], source: str) -> None:
+    """Say once per class and field that a field EasyEdit's files carry is accepted but changes nothing."""
+    new = [name for name in names if (cls, name) not in _LOGGED_UNUSED]
+    if new:
+        _LOGGED_UNUSED.update((cls, name) for name in new)
+        logger.info("%s: %s accepted for EasyEdit compatibility; %s does not use %s", source, ", ".join(new),
+                    cls.ALG_NAME, "them" if len(new) > 1 else "it")
 
 
 def _coerce_number(value: Any) -> Any:

@@ -76,3 +76,16 @@ def test_batch_edit(editor_for):
                                 subject=["France", "Japan"], sequential_edit=True)
     assert [x["post"]["rewrite_acc"] for x in m] == [[1.0], [1.0]]
     assert ee.get_state(editor.model, hp).edits_applied == 2
+
+
+@pytest.mark.parametrize("keep_original_weight", [True, False])
+@pytest.mark.parametrize("sequential_edit", [True, False])
+def test_keep_original_weight_is_the_hosts_to_ignore(editor_for, keep_original_weight, sequential_edit):
+    """The current host decides with sequential_edit alone (it passes keep_original_weight=False to every editor);
+    the plugin's state follows what the host did to the weights."""
+    editor, hp = editor_for()
+    editor.edit(prompts=["The capital of France"], target_new=["Rome"], subject=["France"],
+                keep_original_weight=keep_original_weight, sequential_edit=sequential_edit)
+    kept = top(editor, "The capital of France") == "Rome"
+    assert kept == sequential_edit
+    assert ee.get_state(editor.model, hp).edits_applied == (1 if sequential_edit else 0)

@@ -465,3 +465,77 @@ def test_host_evaluate_fluency_runs(parity, monkeypatch):
     runs = [knowedit.host_evaluate(post, tok, cases, reference, fluency=True, seed=3,
                                     generation_length=40)["fluency"] for _ in range(2)]
     assert runs[0] == runs[1] and 0 < runs[0] < 1000
+
+
+# ---------------------------------------------------------------------------- through BaseEditor, on SmolLM2
+
+
+@pytest.mark.real_model
+def test_base_editor_scores_the_plugins_alphaedit_on_smollm2_as_ours_does(tmp_path, monkeypatch, capsys,
+                                                                          smollm2_stats_dir):
+    """KnowEdit ZsRE records edited one after another through ``BaseEditor.edit(sequential_edit=True)`` with the
+    plugin's AlphaEdit: the host's compute_edit_quality / portability / locality and summary_metrics give their
+    usual output, and, case by case on the same edited model, the figures of knowedit.evaluate relate to them as
+    the module docstring says: Edit Succ., Generalization and Locality equal; Portability at least the host's
+    (ours takes the best alias, the host the first)."""
+    from easyeditor import BaseEditor
+    from easyeditor.editors.utils import summary_metrics
+
+    from alphaedit_plugin import AlphaEditHyperParams
+    from conftest import use_smollm2_statistics
+
+    models = pytest.importorskip("alphaedit_plugin.models")
+    try:
+        model, tok = models.load_smollm2()
+    except models.ModelNotAvailableError as error:
+        pytest.skip(f"SmolLM2 is not available: {error}")
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "knowedit" / "ZsRE" / "ZsRE-test-all.json"
+    cases = load_dataset(shared if shared.is_file() else FIXTURES / "knowedit_zsre.json").cases[:2]
+    monkeypatch.chdir(tmp_path)  # the host writes logs/ into the working directory
+    hparams = use_smollm2_statistics(AlphaEditHyperParams.from_hparams(
+        Path(__file__).resolve().parents[1] / "hparams" / "AlphaEdit" / "smollm2-135m.yaml"), smollm2_stats_dir)
+    hparams.model_name = (model, tok)
+    editor = BaseEditor.from_hparams(hparams)
+    all_metrics = []
+    for case in cases:  # one call per case: the host's "pre" and our locality reference see the same model
+        reference = knowedit.reference(ModelScorer(editor.model, tok), [case], OPTIONS)
+        metrics, edited, _ = editor.edit(**knowedit.host_edit_arguments([case]), sequential_edit=True,
+                                         verbose=False)
+        ours = knowedit.evaluate(ModelScorer(edited, tok), [case], reference, OPTIONS)
+        host = knowedit.host_case_figures(metrics[0])
+        assert set(metrics[0]["post"]) >= {"rewrite_acc", "locality", "portability"}
+        assert ours["edit_succ"] == pytest.approx(100 * host["edit_succ"], abs=1e-9)
+        if "generalization" in host:
+            assert ours["generalization"] == pytest.approx(100 * host["generalization"], abs=1e-9)
+        assert ours["locality"] == pytest.approx(100 * host["locality"], abs=1e-9)
+        assert ours["portability"] >= 100 * host["portability"] - 1e-9
+        all_metrics += metrics
+    assert all(m["post"]["rewrite_acc"][0] > m["pre"]["rewrite_acc"][0] for m in all_metrics)  # the edits took
+    capsys.readouterr()
+    summary_metrics(all_metrics)  # prints the means and writes logs/results.json, as after EasyEdit's own runs
+    printed = capsys.readouterr().out
+    assert "Metrics Summary:" in printed and "'rewrite_acc'" in printed and "Relation_Specificity_acc" in printed
+    saved = json.loads((tmp_path / "logs" / "results.json").read_text())
+    assert len(saved) == len(cases) and saved[0]["requested_rewrite"]["target_new"] == cases[0].fields["target_new"]
+
+
+def test_the_benchmark_scores_knowedit_with_the_hosts_evaluators_too(tmp_path):
+    from alphaedit_plugin.bench import BenchConfig, BenchmarkError, MethodOptions, run_benchmark
+    from conftest import build_llama, exact_hparams
+
+    model, tok = build_llama(), host_tokenizer()
+    options = {"AlphaEdit": MethodOptions(hparams=exact_hparams(tmp_path, "llama", v_num_grad_steps=8))}
+
+    def config(data, out):
+        return BenchConfig(methods=["AlphaEdit", "unedited"], dataset=str(FIXTURES / data), edits=2, batch_size=2,
+                           output=str(tmp_path / out), model_name="tiny-llama", method_options=options,
+                           plots=False, host_evaluators=True)
+
+    results = run_benchmark(config("knowedit_recent.json", "run"), model, tok)
+    pre, alpha = results["pre_host"], results["methods"]["AlphaEdit"]
+    assert set(pre) >= {"edit_succ", "portability", "locality"}
+    assert results["methods"]["unedited"]["final_host"]["edit_succ"] == pre["edit_succ"]
+    assert alpha["final_host"]["edit_succ"] >= pre["edit_succ"] and alpha["final_host"]["locality"] <= 100
+    assert "Scored by EasyEdit's own evaluators" in (tmp_path / "run" / "results.md").read_text()
+    with pytest.raises(BenchmarkError, match="--host-evaluators scores KnowEdit runs"):
+        run_benchmark(config("counterfact_flat.json", "cf"), model, tok)

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fluency-prompts", type=int, default=1, help="generation prompts per case")
     e.add_argument("--generation-tokens", type=int, default=100, help="new tokens per Fluency/LEME generation")
     e.add_argument("--reference-snippets", default=None, help="ROME attribute_snippets.json for Consistency")
+    e.add_argument("--host-evaluators", action="store_true",
+                   help="KnowEdit: also score before editing and after the last batch with EasyEdit's own evaluators "
+                        "(needs the EasyEdit source on PYTHONPATH), beside the plugin's figures")
     e.add_argument("--no-cot", action="store_true", help="MQuAKE: skip the chain-of-thought variant")
     e.add_argument("--general", nargs="*", default=None, choices=TASKS, metavar="TASK",
                    help=f"general-capability tasks before/after editing (no TASK: all of {', '.join(TASKS)})")
@@ -144,6 +147,7 @@ def config_from_args(args, argv: Optional[List[str]] = None) -> BenchConfig:
         skip_bad_records=args.skip_bad_records,
         command=" ".join(shlex.quote(a) for a in ["alphaedit-bench", *(argv if argv is not None else sys.argv[1:])]),
         generation_at_curve_points=args.generation_every_point,
+        host_evaluators=args.host_evaluators,
         method_options={m: MethodOptions(hparams=hparams.get(m), overrides=overrides if m in hparams else {},
                                          seed=args.seed)
                         for m in args.methods},

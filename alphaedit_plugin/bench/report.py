@@ -62,10 +62,25 @@ def markdown_table(results: Dict[str, Any]) -> str:
     if tasks:
         text += ["", "General-capability columns: weighted F1 ×100 of the likelihood-scored answers (`f1_new`); "
                      "`results.json` holds the generation-scored F1, MCC and counts too."]
+    if results.get("pre_host"):
+        text += ["", "Scored by EasyEdit's own evaluators (`--host-evaluators`: the KnowEdit script's inputs, first "
+                     "alias only, left-padded batches per kind; docs/evaluation.md):", ""]
+        text += _host_table(results, headline)
     notes = sorted({n for r in results["methods"].values() for n in r["final"].get("notes", [])})
     if notes:
         text += ["", "Notes:"] + [f"- {n}" for n in notes]
     return "\n".join(text) + "\n"
+
+
+def _host_table(results: Dict[str, Any], headline: List[str]) -> List[str]:
+    names = [m for m in headline if isinstance(results["pre_host"].get(m), (int, float))]
+    lines = ["| " + " | ".join(["Method", "Edits"] + [LABELS.get(m, m) for m in names]) + " |",
+             "|" + "---|" * (len(names) + 2),
+             "| " + " | ".join(["(before editing)", "0"] + [_fmt(results["pre_host"].get(m)) for m in names]) + " |"]
+    for name, r in results["methods"].items():
+        host = r.get("final_host") or {}
+        lines.append("| " + " | ".join([name, str(r["edits"])] + [_fmt(host.get(m)) for m in names]) + " |")
+    return lines
 
 
 def _plt():

@@ -81,6 +81,7 @@ class BenchConfig:
     skip_bad_records: bool = False  # leave out (and log) records that fail the schema check
     command: Optional[str] = None  # the command line that started the run (recorded in the results)
     generation_at_curve_points: bool = False  # Fluency/CoT also at intermediate points (else: before and at the end)
+    host_evaluators: bool = False  # KnowEdit: also score with EasyEdit's own evaluators (needs easyeditor)
 
     def validate(self) -> None:
         if not self.methods:
@@ -108,6 +109,7 @@ class BenchConfig:
             "representation_layer": self.representation_layer,
             "skip_bad_records": self.skip_bad_records,
             "generation_at_curve_points": self.generation_at_curve_points,
+            "host_evaluators": self.host_evaluators,
         }
 
 
@@ -174,6 +176,18 @@ class BenchmarkRunner:
         self.cases = self.dataset.take(config.edits)
         self.family = family_module(self.dataset.family)
         self.batches = math.ceil(len(self.cases) / config.batch_size)
+        if config.host_evaluators:
+            self._check_host_evaluators()
+
+    def _check_host_evaluators(self) -> None:
+        import importlib.util
+
+        if self.dataset.family != "knowedit":
+            raise BenchmarkError(f"--host-evaluators scores KnowEdit runs; {self.dataset.path} is a "
+                                 f"{self.dataset.family} file")
+        if importlib.util.find_spec("easyeditor") is None:
+            raise BenchmarkError("--host-evaluators needs EasyEdit's evaluators: put the EasyEdit source on "
+                                 "PYTHONPATH (e.g. PYTHONPATH=../shared/hosts/EasyEdit)")
 
     # -- set-up ---------------------------------------------------------------
     def _check_output(self) -> None:
@@ -198,6 +212,16 @@ class BenchmarkRunner:
             options.fluency, options.cot = False, False
         torch.manual_seed(self.config.seed)
         return self.family.evaluate(self.scorer, cases, reference, options)
+
+    def _host_figures(self, host_reference) -> Dict[str, Any]:
+        """KnowEdit figures of the model as it is now, from EasyEdit's own evaluators (per-case figures dropped)."""
+        from ..evaluation import knowedit
+
+        torch.manual_seed(self.config.seed)
+        figures = knowedit.host_evaluate(self.model, self.tok, self.cases, host_reference,
+                                         fluency=self.config.eval.fluency, seed=self.config.seed)
+        figures.pop("cases", None)
+        return figures
 
     def _general(self) -> Optional[Dict[str, Any]]:
         if not self.config.general_tasks:
@@ -229,6 +253,12 @@ class BenchmarkRunner:
         torch.manual_seed(self.config.seed)
         reference = self.family.reference(self.scorer, self.cases, self.config.eval)
         data = {"reference": reference, "pre": self._evaluate(self.cases, reference), "general_pre": self._general()}
+        if self.config.host_evaluators:
+            from ..evaluation import knowedit
+
+            logger.info("scoring the unedited model with EasyEdit's evaluators")
+            data["host_reference"] = knowedit.host_reference(self.model, self.tok, self.cases)
+            data["pre_host"] = self._host_figures(data["host_reference"])
         if self.config.representation_prompts:
             prompts = self._representation_prompts()
             data["representation"] = {"prompts": prompts, "before": self._hidden(prompts).tolist()}
@@ -339,6 +369,8 @@ class BenchmarkRunner:
                 "seconds_per_edit": progress["edit_seconds"] / len(self.cases) if progress["edit_seconds"] else 0.0,
                 "prepare_seconds": progress.get("prepare_seconds"), "settings": method.describe(),
             }
+            if cfg.host_evaluators:
+                result["final_host"] = self._host_figures(reference["host_reference"])
             preservation = method.preservation(originals)
             if preservation:
                 result["preservation"] = preservation  # of the accumulated update, per layer
@@ -374,6 +406,7 @@ class BenchmarkRunner:
             "eval_options": self.config.eval.as_dict(),
             "headline": list(self.family.HEADLINE),
             "pre": reference["pre"], "general_pre": reference.get("general_pre"),
+            **({"pre_host": reference.get("pre_host")} if self.config.host_evaluators else {}),
             "command": self.config.command,
             "machine": machine_description(self.model),
             "methods": {},

@@ -1,14 +1,17 @@
 """KnowEdit metrics (Zhang et al. 2024, "A Comprehensive Study of Knowledge Editing for LLMs").
 
-The definitions are EasyEdit's: the probe-level functions of the PyPI host ``easyeditor==0.0.1.dev0``
+The definitions are EasyEdit's: the probe-level functions of its evaluators
 (``evaluate.compute_rewrite_or_rephrase_quality``, ``compute_locality_quality``,
-``portability_evaluate.compute_portability_quality``, all on ``evaluate_utils.test_prediction_acc``;
-``n_gram_entropy`` for Fluency) and the aggregation of EasyEdit's KnowEdit script
-(``examples/run_knowedit_llama2.py``, ``eval()``). The host's functions move every tensor to
-``cuda:{device}`` and so cannot run on a CPU, hence the reimplementation on a scorer
-(:mod:`.scoring`); :func:`host_reference` / :func:`host_evaluate` call the host's own functions
-instead where ``easyeditor`` is importable. ``tests/test_knowedit_host_parity.py`` checks the two
-against each other probe by probe and case by case on tiny GPT-2 and Llama models:
+``compute_portability_quality``, all on ``evaluate_utils.test_prediction_acc``; ``n_gram_entropy``
+for Fluency) and the aggregation of EasyEdit's KnowEdit script (``examples/run_knowedit_llama2.py``,
+``eval()``). They are reimplemented here on a scorer (:mod:`.scoring`: batched, any device, no host
+needed); :func:`host_reference` / :func:`host_evaluate` call the host's own functions instead where
+``easyeditor`` is importable (``alphaedit-bench --host-evaluators``), :func:`host_edit_arguments` gives
+``BaseEditor.edit`` the KnowEdit script's inputs and :func:`host_case_figures` aggregates what it returns.
+``tests/test_knowedit_host_parity.py`` checks ours against the host's functions probe by probe and case
+by case on tiny GPT-2 and Llama models, and against ``BaseEditor.edit(sequential_edit=True)`` with the
+plugin's AlphaEdit on SmolLM2 (KnowEdit ZsRE): there Edit Succ., Generalization and Locality are equal
+and Portability at least the host's, case by case. In detail:
 
 - Edit Succ.: teacher-forced top-1 token accuracy of ``target_new`` after ``prompt``
   (EasyEdit's ``rewrite_acc``, ``token_em``). For WikiBio the prompt is ``text`` and the
@@ -51,10 +54,9 @@ Where the figures match the host's, and where they do not (checked in the parity
   positions are shifted by its pad count: the same predictions for rotary models (Llama; GPT-J too)
   up to float rounding, different ones for learned absolute positions (GPT-2). With right padding the host's slices
   are misaligned altogether.
-- No truncation here; the PyPI host truncates ``prompt + " " + answer`` to ``hparams.max_length``
-  (40 by default) tokens, so it scores only the answer tokens within the first 40; where the prompt
-  alone fills them (long WikiBio passages) a probe scored alone raises ``IndexError`` and a probe in
-  a batch is dropped from its kind. The current EasyEdit source widens the limit.
+- No truncation, as in the current EasyEdit source, which widens ``hparams.max_length`` to the
+  longest prompt + answer of a batch. (The 2023 PyPI release truncated ``prompt + " " + answer`` to
+  ``max_length`` tokens and scored only the answer tokens within them.)
 - Fluency: the n-gram entropy formula is ROME's, as the host's (identical on the same word tokens);
   words are split by a regular expression, not ``nltk.word_tokenize`` (see :mod:`.fluency`:
   possessives, contractions, hyphenated words and numbers split differently). The host generates
@@ -190,6 +192,47 @@ def host_inputs(case: EditCase, metric: str) -> Dict[str, tuple]:
     probes to the host: each kind as one list, each probe with the first alias of its first answer."""
     return {kind: ([p["prompt"] for p in probes], [p["answers"][0][0] for p in probes])
             for kind, probes in sorted(case.fields[metric].items()) if probes}
+
+
+def host_edit_arguments(cases: Sequence[EditCase]) -> Dict[str, Any]:
+    """The keyword arguments of ``BaseEditor.edit`` for ``cases``, as EasyEdit's KnowEdit script builds them: one
+    entry per case; per probe kind a list per case (None where the case has no probe of that kind); each
+    probe with the first alias of its first answer."""
+    fields = [case.fields for case in cases]
+    arguments: Dict[str, Any] = {
+        "prompts": [f["prompt"] for f in fields],
+        "target_new": [f["target_new"] for f in fields],
+        "subject": [f["subject"] for f in fields],
+        "ground_truth": [f["ground_truth"][0][0] if f["ground_truth"] else "<|endoftext|>" for f in fields],
+    }
+    if all(f.get("rephrase") for f in fields):
+        arguments["rephrase_prompts"] = [f["rephrase"] for f in fields]
+    for metric in ("locality", "portability"):
+        per_case = [host_inputs(case, metric) for case in cases]
+        kinds = sorted({kind for inputs in per_case for kind in inputs})
+        if kinds:
+            arguments[f"{metric}_inputs"] = {
+                kind: {"prompt": [inputs[kind][0] if kind in inputs else None for inputs in per_case],
+                       "ground_truth": [inputs[kind][1] if kind in inputs else None for inputs in per_case]}
+                for kind in kinds}
+    return arguments
+
+
+def host_case_figures(metrics: Dict[str, Any]) -> Dict[str, float]:
+    """One case's figures (fractions) from the metrics ``BaseEditor.edit`` returns for it, aggregated as
+    :func:`evaluate` does: Edit Succ. (``rewrite_acc``), Generalization (``rephrase_acc``), Portability and
+    Locality as the mean over kinds of the mean over the kind's probes (``<kind>_acc``)."""
+    import numpy as np
+
+    post = metrics["post"]
+    scores: Dict[str, List[float]] = {"edit_succ": [float(np.mean(post["rewrite_acc"]))]}
+    if "rephrase_acc" in post:
+        scores["generalization"] = [float(np.mean(post["rephrase_acc"]))]
+    for metric in ("portability", "locality"):
+        for key, values in sorted((post.get(metric) or {}).items()):
+            if key.endswith("_acc"):
+                scores[f"{metric}/{key[:-len('_acc')]}"] = [float(np.mean(v)) for v in values]
+    return _case_figures(scores)
 
 
 def _host_device(model):

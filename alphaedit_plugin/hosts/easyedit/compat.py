@@ -36,6 +36,15 @@ touched.
    PyPI ``BaseEditor`` leaves MEMIT's tokenizer so) and puts back the
    ``requires_grad`` flags the host clears on every model parameter
    (``nethook.set_requires_grad(False, model)``).
+5. A ``(model, tokenizer)`` pair whose tokenizer has no pad token (most
+   Llama-family tokenizers, and SmolLM2's loaded the usual Hugging Face way).
+   Both hosts set ``pad_token_id = eos_token_id`` when they load the tokenizer
+   themselves, but not for a pair, and their pre-edit evaluation
+   (``test_prediction_acc``) pads, so ``edit`` failed before the first edit.
+   :func:`give_pad_token` does what the host's loader does, for our hparams
+   only and only where the tokenizer has no pad token; one that has one is
+   never changed. (The tokenizer object is the caller's: the pad token stays
+   set on it, as it would on a tokenizer the host had loaded.)
 """
 
 from __future__ import annotations
@@ -219,6 +228,20 @@ def disallow_batch_editing(names=None) -> None:
     current = BatchEditor.is_batchable_method
     if getattr(current, _PATCH_MARK, False) and not _BATCHABLE:
         BatchEditor.is_batchable_method = staticmethod(current.__wrapped__)
+
+
+# ---------------------------------------------------------------------------
+# 5. A tokenizer without a pad token
+# ---------------------------------------------------------------------------
+def give_pad_token(tok) -> bool:
+    """Set ``tok``'s pad token to its end-of-sequence token where it has none (as the host's loader does);
+    True if it was set. A tokenizer with a pad token, or without an eos token, is left as it is."""
+    if getattr(tok, "pad_token_id", None) is not None or getattr(tok, "eos_token", None) is None:
+        return False
+    tok.pad_token = tok.eos_token
+    logger.info("the tokenizer has no pad token: using its end-of-sequence token %r, as EasyEdit does for the "
+                "tokenizers it loads itself", tok.eos_token)
+    return True
 
 
 # ---------------------------------------------------------------------------

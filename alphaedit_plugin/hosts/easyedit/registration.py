@@ -263,6 +263,7 @@ def _wrap_init(init: Callable, host: compat.HostInfo) -> Callable:
             pair = load_model_and_tokenizer(given, hparams)
         elif isinstance(given, (tuple, list)) and len(given) == 2:
             pair = tuple(given)
+            compat.give_pad_token(pair[1])  # the host pads in its pre-edit evaluation (compat fix 5)
         else:
             raise ValueError(f"hparams.model_name must be a model path or id, or a (model, tokenizer) pair; "
                              f"got {type(given).__name__}")
@@ -287,12 +288,14 @@ def model_label(model) -> str:
 
 
 def load_model_and_tokenizer(path: str, hparams: EditHyperParams):
-    """Load a causal LM and its tokenizer from a local path (or a cached hub id) in float32."""
+    """Load a causal LM and its tokenizer from a local path (or a cached hub id), as EasyEdit's loader does:
+    float16 with ``fp16: true`` (else float32), ``device_map="auto"`` with ``model_parallel: true``."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     major = int(transformers.__version__.split(".")[0])
-    dtype_arg = {"dtype": torch.float32} if major >= 5 else {"torch_dtype": torch.float32}
+    dtype = torch.float16 if hparams.fp16 else torch.float32
+    dtype_arg = {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
     device_map = "auto" if hparams.model_parallel else None
     try:
         model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, **dtype_arg).eval()
@@ -300,6 +303,5 @@ def load_model_and_tokenizer(path: str, hparams: EditHyperParams):
     except (OSError, ValueError) as error:
         raise ValueError(f"hparams.model_name {path!r}: cannot load a causal language model and tokenizer "
                          f"from it ({type(error).__name__}: {error})") from error
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    compat.give_pad_token(tok)
     return model, tok

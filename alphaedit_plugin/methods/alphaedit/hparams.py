@@ -9,7 +9,7 @@ the projection P (MEMIT+P, PRUNE+P, RECT+P), so they live in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Tuple
 
 from ...hparams import EditHyperParams, _help
 
@@ -21,4 +21,5 @@ class AlphaEditHyperParams(EditHyperParams):
     """Everything AlphaEdit needs to edit one model (Fang et al., ICLR 2025)."""
 
     ALG_NAME: ClassVar[str] = ALG_NAME
+    UNUSED_FIELDS: ClassVar[Tuple[str, ...]] = EditHyperParams.UNUSED_FIELDS + ("mom2_update_weight",)
     alg_name: str = _help("Must be AlphaEdit.", default=ALG_NAME)
