@@ -89,3 +89,39 @@ def test_keep_original_weight_is_the_hosts_to_ignore(editor_for, keep_original_w
     kept = top(editor, "The capital of France") == "Rome"
     assert kept == sequential_edit
     assert ee.get_state(editor.model, hp).edits_applied == (1 if sequential_edit else 0)
+
+
+def test_the_hosts_own_alphaedit_still_edits_for_its_own_hparams(tmp_path, monkeypatch):
+    """EasyEdit's AlphaEdit, loaded with EasyEdit's hparams class, runs unchanged behind the dispatcher (given a
+    projector file, so that it computes no Wikipedia statistics), while the plugin is registered."""
+    from easyeditor import AlphaEditHyperParams as HostAlphaEditHyperParams
+    from easyeditor.models.alphaedit import AlphaEdit_main
+
+    from conftest import exact_hparams
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "tiny-llama"  # the host picks its loader by "llama" in the path
+    build_llama().save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    ours = exact_hparams(tmp_path, "llama")
+    projector = torch.stack([torch.eye(96)] * 2)  # P = I: AlphaEdit's solve without a constraint
+    torch.save(projector, tmp_path / "null_space_project.pt")
+    for name, value in (("P", None), ("P_loaded", False), ("cache_c", None), ("cache_c_new", False)):
+        monkeypatch.setattr(AlphaEdit_main, name, value, raising=False)  # the host keeps these as module globals
+    host = HostAlphaEditHyperParams(
+        layers=[1, 2], layer_selection="all", fact_token="subject_last", v_num_grad_steps=10, v_lr=0.5,
+        v_loss_layer=3, v_weight_decay=1e-3, clamp_norm_factor=10, kl_factor=0.0625, mom2_adjustment=True,
+        mom2_update_weight=1.0, rewrite_module_tmp="model.layers.{}.mlp.down_proj", layer_module_tmp="model.layers.{}",
+        mlp_module_tmp="model.layers.{}.mlp", attn_module_tmp="model.layers.{}.self_attn", ln_f_module="model.norm",
+        lm_head_module="lm_head", mom2_dataset=ours.mom2_dataset, mom2_n_samples=10, mom2_dtype="float32",
+        nullspace_threshold=0.5, L2=0.1, alg_name="AlphaEdit", device="cpu", model_name=str(folder),
+        stats_dir=str(tmp_path / "host-stats"), P_loc=str(tmp_path / "null_space_project.pt"))
+    calls = []
+    original = ALG_DICT["AlphaEdit"].host_apply
+    monkeypatch.setattr(ALG_DICT["AlphaEdit"], "host_apply", lambda *a, **k: calls.append(1) or original(*a, **k))
+    editor = BaseEditor.from_hparams(host)
+    layer = editor.model.get_submodule("model.layers.2.mlp.down_proj")
+    before = layer.weight.detach().clone()
+    editor.edit(prompts=["The capital of France"], target_new=["Rome"], subject=["France"], sequential_edit=True)
+    assert calls == [1] and not torch.equal(layer.weight, before)
+    assert ee.get_state(editor.model, ours) is None  # the plugin kept no state: it did not edit
