@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -71,16 +71,32 @@ def corpus_identity(spec: str, max_tokens: int, seed: int) -> Dict[str, object]:
     return {"corpus": f"hub:{spec}", "max_tokens": max_tokens}
 
 
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = file.read_bytes()[:error.start].count(b"\n") + 1
+        raise CorpusError(f"mom2_dataset file {file}: line {line} is not UTF-8 text (byte {error.start}); give a "
+                          "UTF-8 text corpus") from None
+
+
 def _paragraphs(files: List[Path]) -> Iterator[str]:
     for file in files:
         if file.suffix == ".jsonl":
-            for line in file.read_text(encoding="utf-8").splitlines():
+            for number, line in enumerate(_read_text(file).splitlines(), start=1):
                 if line.strip():
-                    text = json.loads(line).get("text", "")
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as error:
+                        raise CorpusError(f"mom2_dataset file {file}: line {number} is not valid JSON ({error.msg}); "
+                                          "expected one object with a 'text' field per line") from None
+                    text = record.get("text") if isinstance(record, dict) else None
+                    if not isinstance(text, str):
+                        raise CorpusError(f"mom2_dataset file {file}: line {number} has no string 'text' field")
                     if len(text.strip()) >= MIN_PARAGRAPH_CHARS:
                         yield text.strip()
             continue
-        for line in file.read_text(encoding="utf-8").splitlines():
+        for line in _read_text(file).splitlines():
             line = line.strip()
             if len(line) >= MIN_PARAGRAPH_CHARS and not (line.startswith("=") and line.endswith("=")):
                 yield line
@@ -125,8 +141,24 @@ def _self_sequences(model, tok, n_samples: int, max_tokens: int, seed: int) -> L
     return sequences
 
 
+def max_positions(model) -> Optional[int]:
+    """The longest sequence the model's positions allow (absolute or rotary), where its config says."""
+    config = getattr(model, "config", None)
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def corpus_token_sequences(spec: str, model, tok, n_samples: int, max_tokens: int, seed: int) -> List[List[int]]:
-    """Up to ``n_samples`` token sequences of at most ``max_tokens`` tokens each."""
+    """Up to ``n_samples`` token sequences of at most ``max_tokens`` tokens each (and at most the model's
+    positions)."""
+    limit = max_positions(model)
+    if limit is not None and max_tokens > limit:
+        logger.info("mom2_max_tokens %d is more than the model's %d positions: corpus texts are cut at %d tokens",
+                    max_tokens, limit, limit)
+        max_tokens = limit
     if spec == SELF:
         logger.info("sampling %d texts of up to %d tokens from the model itself (mom2_dataset: self)",
                     n_samples, max_tokens)

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import copy as copy_module
 import logging
+import threading
 import time
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -31,13 +34,16 @@ from .architectures import (ModuleTemplates, UnknownArchitectureError, add_to_we
 from .compute_targets import TargetSearchResult
 from .constrained_solve import preservation_ratio, solve_with_terms
 from .context_templates import generate_context_templates
-from .corpus import corpus_identity
+from .corpus import corpus_identity, max_positions
+from .edit_outcome import achieved_probabilities, key_energies, took, why_not_taken
 from .errors import DeltaError, EditError
-from .layer_statistics import load_or_compute_null_spaces, load_second_moments, model_identity
+from .layer_statistics import (load_or_compute_null_spaces, load_second_moments, model_identity,
+                               unedited_weights_fingerprint)
 from .layer_spreading import spread_residual
 from .methods.base import EditMethod
 from .projector_file import file_identity, load_projector_file
-from .requests import EditRequest, normalise_requests
+from .requests import EditRequest, RequestError, normalise_requests
+from .tracing import encode
 from .state import EditingState, EditRecord
 
 logger = logging.getLogger(__name__)
@@ -64,6 +70,11 @@ def validate_setup(model, hparams) -> ModuleTemplates:
         raise ValueError(f"layers {bad} are outside the model, which has blocks 0..{total - 1}")
     if hparams.v_loss_layer >= total:
         raise ValueError(f"v_loss_layer {hparams.v_loss_layer} is outside the model, which has blocks 0..{total - 1}")
+    loss_layer = hparams.v_loss_layer if hparams.v_loss_layer >= 0 else total + hparams.v_loss_layer
+    if not 0 <= loss_layer < total or loss_layer < hparams.layers[-1]:
+        raise ValueError(f"v_loss_layer {hparams.v_loss_layer} (block {loss_layer}) is below the last edited layer "
+                         f"{hparams.layers[-1]}: the target is read at or above the block its value is searched at; "
+                         "use -1 (the last block) or a block >= the last edited layer")
 
     def module_of(field_name: str, layer: int):
         template = getattr(templates, field_name)
@@ -77,6 +88,11 @@ def validate_setup(model, hparams) -> ModuleTemplates:
         if not hasattr(module, "weight") or module.weight.ndim != 2:
             raise ValueError(f"rewrite_module_tmp {templates.rewrite_module_tmp!r} names {type(module).__name__} at "
                              f"layer {layer}, which has no 2-D weight")
+        outputs, hidden = weight_as_out_in(module).shape[0], hidden_size(model)
+        if hidden is not None and outputs != hidden:
+            raise ValueError(f"rewrite_module_tmp {templates.rewrite_module_tmp!r} names a module with {outputs} outputs "
+                             f"at layer {layer}; the edited module must write the block's hidden state ({hidden} "
+                             "outputs): the MLP's output projection (e.g. mlp.c_proj, mlp.down_proj)")
         module_of("layer_module_tmp", layer)
     get_module(model, templates.ln_f_module)
     get_module(model, templates.lm_head_module)
@@ -89,6 +105,15 @@ def projector_file(hparams) -> Optional[Path]:
         return None
     path = Path(hparams.P_loc).expanduser()
     return path if path.is_file() else None
+
+
+def hidden_size(model) -> Optional[int]:
+    config = getattr(model, "config", None)
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def state_identity(model, hparams, templates: ModuleTemplates, method: Optional[EditMethod] = None) -> Dict[str, Any]:
@@ -105,6 +130,7 @@ def state_identity(model, hparams, templates: ModuleTemplates, method: Optional[
         "nullspace_threshold": hparams.nullspace_threshold,
         "mom2": corpus_identity(hparams.mom2_dataset, hparams.mom2_max_tokens, hparams.seed),
         "mom2_n_samples": hparams.mom2_n_samples,
+        "unedited_weights": unedited_weights_fingerprint(model, templates, hparams.layers),
         **method.identity(),
         **extra,
     }
@@ -119,7 +145,17 @@ def create_state(model, tok, hparams) -> EditingState:
     context prefixes, C0 where the method's solve has MEMIT's prior, and what the method keeps of the
     unedited weights."""
     method = registry.method_for(hparams)
+    hparams.validate()
     templates = validate_setup(model, hparams)
+    with editing_modes(model):
+        return _create_state(model, tok, hparams, method, templates)
+
+
+def _create_state(model, tok, hparams, method: EditMethod, templates: ModuleTemplates) -> EditingState:
+    limit = max_positions(model)
+    if limit is not None and hparams.context_template_length + 8 > limit:
+        raise ValueError(f"context_template_length {hparams.context_template_length} leaves no room for a prompt in "
+                         f"the model's {limit} positions; lower it")
     modules = edited_modules(model, hparams, templates)
     from_file = projector_file(hparams)
     if from_file is not None:
@@ -199,8 +235,9 @@ def compute_update(model, tok, requests: Sequence[EditRequest], hparams, state: 
 
 def apply_update(model, requests: Sequence[EditRequest], hparams, state: EditingState, update: LayerUpdates,
                  method: Optional[EditMethod] = None, templates: Optional[ModuleTemplates] = None,
-                 started: Optional[float] = None) -> EditRecord:
-    """Write ``update`` (through the method's ``combine``), then commit it to ``state``; returns its record."""
+                 started: Optional[float] = None, tok=None) -> EditRecord:
+    """Write ``update`` (through the method's ``combine``), measure what it achieves (with ``tok``), then commit
+    it to ``state``; returns its record."""
     started = time.perf_counter() if started is None else started
     method = method or registry.method_for(hparams)
     templates = templates or validate_setup(model, hparams)
@@ -226,11 +263,16 @@ def apply_update(model, requests: Sequence[EditRequest], hparams, state: Editing
             raise EditError(f"{method.label} failed while writing, weights unchanged: {error}") from error
         raise
 
+    record = None
     try:
         record = _record(requests, changes, before, update, state, time.perf_counter() - started)
+        if tok is not None:
+            _measure_outcome(model, tok, requests, update, state, method, record)
         state.commit(update.keys, record, running_sums)
-    except BaseException as error:  # the state is unchanged: put the weights back as well
-        _restore(modules, originals)
+    except BaseException as error:
+        if record is not None and state.edit_log and state.edit_log[-1] is record:
+            raise  # interrupted right after the commit: the edit is whole, in the weights and in the state
+        _restore(modules, originals)  # the state is unchanged: put the weights back as well
         if isinstance(error, Exception):
             raise EditError(f"{method.label} failed while recording the edit, weights unchanged: "
                             f"{type(error).__name__}: {error}") from error
@@ -238,7 +280,32 @@ def apply_update(model, requests: Sequence[EditRequest], hparams, state: Editing
     logger.info("%s: %d request(s) in %.1f s; update norms %s; preservation ‖ΔK0‖/‖WK0‖ %s", method.label,
                 len(requests), record.seconds, {l: round(v, 3) for l, v in record.update_norms.items()},
                 {l: f"{v:.2e}" for l, v in record.preservation.items()})
+    if record.not_taken:
+        shown = "; ".join(f"request {n['request']} ({n['prompt']!r} -> {n['target']!r}): p = {n['achieved']:.3f} "
+                          f"after writing, {n['searched']:.3f} in the search; {n['why']}" for n in record.not_taken[:5])
+        more = f" (and {len(record.not_taken) - 5} more)" if len(record.not_taken) > 5 else ""
+        logger.warning("%s: %d of %d edit(s) did not take: %s%s", method.label, len(record.not_taken),
+                       len(requests), shown, more)
     return record
+
+
+def _measure_outcome(model, tok, requests: Sequence[EditRequest], update: LayerUpdates, state: EditingState,
+                     method: EditMethod, record: EditRecord) -> None:
+    """The new target's probability on each request's prompt as written (edit_outcome.py), and why one that
+    did not take did not."""
+    record.achieved_probability = achieved_probabilities(model, tok, requests)
+    terms = method.solve_terms()
+    projectors = {layer: state.null_spaces[layer].projector for layer in update.keys} if terms.projection else {}
+    ranks = {layer: state.null_spaces[layer].rank for layer in update.keys} if terms.projection else {}
+    for index, (request, achieved) in enumerate(zip(requests, record.achieved_probability)):
+        searched = float(update.targets.target_probability[index])
+        if took(achieved, searched):
+            continue
+        why = why_not_taken(searched, state.edits_applied + len(requests), ranks,
+                            terms.ridge if terms.projection else None,
+                            key_energies(update.keys, projectors, index) if terms.projection else {})
+        record.not_taken.append({"request": index, "prompt": request.prompt, "target": request.target,
+                                 "achieved": achieved, "searched": searched, "why": why})
 
 
 def _record(requests: Sequence[EditRequest], changes: Mapping[int, torch.Tensor], before: Mapping[int, torch.Tensor],
@@ -255,9 +322,19 @@ def _record(requests: Sequence[EditRequest], changes: Mapping[int, torch.Tensor]
 
 
 def _restore(modules: Mapping[int, torch.nn.Module], originals: Mapping[int, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for layer, module in modules.items():
-            module.weight.copy_(originals[layer])
+    """Put every layer's weight back; an interrupt arriving meanwhile is held until all of them are back."""
+    pending = list(modules)
+    held: Optional[BaseException] = None
+    while pending:
+        layer = pending[0]
+        try:
+            with torch.no_grad():
+                modules[layer].weight.copy_(originals[layer])
+            pending.pop(0)
+        except BaseException as error:  # KeyboardInterrupt mid-copy: copy that layer again
+            held = held or error
+    if held is not None:
+        raise held
 
 
 def edit_in_place(model, tok, requests: Sequence[EditRequest], hparams, state: EditingState,
@@ -270,9 +347,64 @@ def edit_in_place(model, tok, requests: Sequence[EditRequest], hparams, state: E
     started = time.perf_counter()
     method = method or registry.method_for(hparams)
     templates = templates or validate_setup(model, hparams)
-    update = compute_update(model, tok, requests, hparams, state, method, templates)
-    apply_update(model, requests, hparams, state, update, method, templates, started)
+    check_positions(model, tok, requests, state.context_templates)
+    with edit_lock(model), editing_modes(model):
+        update = compute_update(model, tok, requests, hparams, state, method, templates)
+        apply_update(model, requests, hparams, state, update, method, templates, started, tok=tok)
     return update
+
+
+def check_positions(model, tok, requests: Sequence[EditRequest], context_templates, extra_tokens: int = 0) -> None:
+    """Refuse, naming the request and the limit, an edit whose longest row (context prefix + prompt + target,
+    plus ``extra_tokens``) does not fit the model's positions: GPT-2 would fail deep inside the search with an
+    IndexError."""
+    limit = max_positions(model)
+    if limit is None:
+        return
+    contexts = [context for group in context_templates for context in group]
+    for index, request in enumerate(requests):
+        target = len(encode(tok, request.target, special_tokens=False))
+        longest = max(len(encode(tok, context.format(request.prompt))) for context in contexts) + target + extra_tokens
+        if longest > limit:
+            raise RequestError(f"request {index}: its prompt {request.prompt!r} with the target and the longest "
+                               f"context prefix takes {longest} tokens; the model has {limit} positions. Shorten "
+                               "the prompt or the target, or lower context_template_length")
+
+
+def check_positions_before_statistics(model, tok, requests: Sequence[EditRequest], hparams) -> None:
+    """:func:`check_positions` before a state exists: a context prefix of the configured length is assumed (a
+    bound; the exact prefixes are checked again once they exist)."""
+    bound = hparams.context_template_length + 4 if hparams.context_template_count else 0
+    check_positions(model, tok, requests, [["{}"]], extra_tokens=bound)
+
+
+_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+@contextmanager
+def edit_lock(model) -> Iterator[None]:
+    """One edit of ``model`` at a time: a second thread editing the same model waits for the first to finish
+    (the lock is the model's; it goes with the model object)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.setdefault(model, threading.RLock())
+    with lock:
+        yield
+
+
+@contextmanager
+def editing_modes(model) -> Iterator[None]:
+    """What an edit needs, whatever the caller set: gradients on (the target search differentiates, also
+    inside ``torch.no_grad()`` or ``torch.inference_mode()``) and every module in eval mode (no dropout in the
+    keys and targets). The caller's modes come back afterwards."""
+    training = [(module, module.training) for module in model.modules()]
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            model.eval()
+            yield
+    finally:
+        for module, flag in training:
+            module.training = flag
 
 
 def edited_weights_copy(model, templates: ModuleTemplates, layers: Sequence[int]) -> Dict[str, torch.Tensor]:
@@ -311,6 +443,7 @@ def apply_to_model(
     if copy:
         model = copy_module.deepcopy(model)
     if state is None:
+        check_positions_before_statistics(model, tok, normalised, hparams)
         state = create_state(model, tok, hparams)
     else:
         state.check_compatible(state_identity(model, hparams, templates, method))

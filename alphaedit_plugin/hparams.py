@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +151,14 @@ class EditHyperParams:
         _require(self, "nullspace_threshold", float, lambda v: v > 0, "a number > 0")
         _require(self, "L2", float, lambda v: v > 0, "a number > 0 (it keeps the solve well posed)")
         _require(self, "mom2_heldout_fraction", float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+        _require(self, "mom2_update_weight", float, lambda v: v >= 0, "a number >= 0")
+        _require(self, "seed", int, lambda v: True, "an integer")
+        _require(self, "max_length", int, lambda v: v >= 1, "an integer >= 1")
+        if self.stats_dir is not None and not isinstance(self.stats_dir, (str, os.PathLike)):
+            raise ValueError(f"stats_dir must be a folder path (or left out), got {self.stats_dir!r}")
+        device = self.device
+        if isinstance(device, bool) or not isinstance(device, (int, str)) or (isinstance(device, int) and device < 0):
+            raise ValueError(f"device must be cpu, cuda, cuda:N or an index N >= 0, got {device!r}")
         if not isinstance(self.mom2_dataset, str) or not self.mom2_dataset:
             raise ValueError(f"mom2_dataset must be a non-empty string (a path, 'self' or a hub name), got {self.mom2_dataset!r}")
         if self.P_loc is not None and (not isinstance(self.P_loc, str) or not self.P_loc):
@@ -265,7 +274,7 @@ def _require(hp: EditHyperParams, name: str, kind: type, ok, expected: str) -> N
         setattr(hp, name, value)
     if not isinstance(value, kind):
         raise ValueError(f"{name} must be {expected}, got {value!r}")
-    if isinstance(value, float) and value != value:
-        raise ValueError(f"{name} must be {expected}, got NaN")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
     if not ok(value):
         raise ValueError(f"{name} must be {expected}, got {value!r}")

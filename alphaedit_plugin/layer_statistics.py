@@ -17,6 +17,7 @@ Every cached file stores its key and is refused if the key differs (:mod:`.cache
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -79,6 +80,34 @@ def key_weight_fingerprints(model, templates: ModuleTemplates, layers: List[int]
         if i in layers:
             result[i] = cache.digest({"weights": running})
     return result
+
+
+SAMPLED_ELEMENTS = 4096
+
+
+def unedited_weights_fingerprint(model, templates: ModuleTemplates, layers: List[int]) -> str:
+    """A hash of what an editing state belongs to: every weight the edited layers' keys depend on (the
+    embeddings and blocks 0..max(layers)) except the edited modules' own weights, which the edits change.
+
+    Each tensor contributes its name, shape, dtype and an evenly strided sample of at most
+    ``SAMPLED_ELEMENTS`` entries: another checkpoint (a fine-tuned model under the same name) differs
+    everywhere, and the check costs milliseconds where a full hash of an 8B model's blocks takes seconds at
+    every edit.
+    """
+    edited = {templates.rewrite_module_tmp.format(layer) + ".weight" for layer in layers}
+    blocks = tuple(templates.layer_module_tmp.format(i) + "." for i in range(max(layers) + 1))
+    outside = (templates.ln_f_module + ".", templates.lm_head_module + ".")
+    blocks_root = templates.layer_module_tmp.split("{}")[0]
+    sha = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        shared = not name.startswith(outside) and not name.startswith(blocks_root)
+        if name in edited or not (name.startswith(blocks) or shared):
+            continue
+        flat = parameter.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // SAMPLED_ELEMENTS)][:SAMPLED_ELEMENTS].to("cpu").contiguous()
+        sha.update(f"{name}:{tuple(parameter.shape)}:{parameter.dtype}:".encode())
+        sha.update(sample.view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()[:16]
 
 
 def statistics_keys(model, hparams, templates: ModuleTemplates) -> Dict[int, dict]:

@@ -140,9 +140,10 @@ def method_for(hparams: Any):
     """The method object that edits with ``hparams``."""
     entry = entry_for(hparams)
     if entry is None:
-        raise TypeError(f"hparams of type {type(hparams).__module__}.{type(hparams).__qualname__} belong to no "
-                        f"registered method; registered: {', '.join(sorted(_METHODS))} (load hparams with "
-                        "alphaedit_plugin.load_hparams(path))")
+        raise TypeError(f"hparams must be an object of a registered method's hparams class "
+                        f"({', '.join(e.hparams_class.__name__ for e in _METHODS.values())}), got "
+                        f"{type(hparams).__module__}.{type(hparams).__qualname__}; load them with "
+                        "alphaedit_plugin.load_hparams(path) or e.g. AlphaEditHyperParams(**fields)")
     return entry.method_class(hparams)
 
 

@@ -86,4 +86,11 @@ def normalise_requests(requests: Iterable[Mapping]) -> List[EditRequest]:
     result = [normalise_request(raw, i) for i, raw in enumerate(requests)]
     if not result:
         raise RequestError("no requests given; expected at least one edit request")
+    seen = {}
+    for index, request in enumerate(result):
+        first = seen.setdefault((request.prompt_template, request.subject), index)
+        if first != index and result[first].target != request.target:
+            raise RequestError(f"requests {first} and {index} ask the same prompt {request.prompt!r} (subject "
+                               f"{request.subject!r}) for different targets {result[first].target.strip()!r} and "
+                               f"{request.target.strip()!r}; one batch cannot hold both")
     return result

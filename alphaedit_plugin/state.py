@@ -49,6 +49,8 @@ class EditRecord:
     preservation: Dict[int, float]  # ‖Δ K0‖ / ‖W K0‖ per layer on held-out corpus keys
     target_probability: List[float]  # per request, at the end of the target search
     seconds: float
+    achieved_probability: List[float] = field(default_factory=list)  # per request, on its prompt after writing
+    not_taken: List[Dict[str, Any]] = field(default_factory=list)  # the requests whose edit did not take, and why
 
 
 @dataclass
@@ -146,10 +148,9 @@ class EditingState:
         undo = _Undo(earlier_keys_kkt_sum=self.earlier_keys_kkt_sum,
                      running_sums={name: self.running_sums[name] for name in new_running if name in self.running_sums},
                      log_length=len(self.edit_log))
-        self.earlier_keys_kkt_sum = new_sums
-        self.running_sums = {**self.running_sums, **new_running}
-        self.edit_log = self.edit_log + [record]
-        self._undo = undo
+        # One C-level update: an interrupt (checked between bytecodes) finds all four old or all four new.
+        self.__dict__.update(earlier_keys_kkt_sum=new_sums, running_sums={**self.running_sums, **new_running},
+                             edit_log=self.edit_log + [record], _undo=undo)
 
     def undo_last(self) -> bool:
         """Take the last committed edit out again (its keys, running sums and log entry), exactly.
@@ -159,10 +160,9 @@ class EditingState:
         undo = self._undo
         if undo is None:
             return False
-        self.earlier_keys_kkt_sum = undo.earlier_keys_kkt_sum
-        self.running_sums = {**self.running_sums, **undo.running_sums}
-        self.edit_log = self.edit_log[:undo.log_length]
-        self._undo = None
+        self.__dict__.update(earlier_keys_kkt_sum=undo.earlier_keys_kkt_sum,
+                             running_sums={**self.running_sums, **undo.running_sums},
+                             edit_log=self.edit_log[:undo.log_length], _undo=None)
         return True
 
     def reset(self) -> None:
@@ -177,13 +177,21 @@ class EditingState:
         self._undo = None
 
     def check_compatible(self, identity: Dict[str, Any]) -> None:
-        """Refuse a state made for another method, model, layers, corpus or threshold."""
+        """Refuse a state made for another method, model (by its weights, not only its name), layers, corpus or
+        threshold. A state from a file of the earlier format, which recorded no weights, is checked without."""
+        ignored = {"weights_sha256"}
+        if "unedited_weights" not in self.identity:
+            ignored.add("unedited_weights")
+            logger.warning("the editing state records no fingerprint of the model's weights (an earlier file "
+                           "format): it is checked by the model's name only")
         differing = sorted(k for k in set(self.identity) | set(identity)
-                           if k != "weights_sha256" and self.identity.get(k) != identity.get(k))
+                           if k not in ignored and self.identity.get(k) != identity.get(k))
         if differing:
             details = "; ".join(f"{k}: state has {self.identity.get(k)!r}, edit needs {identity.get(k)!r}"
                                 for k in differing)
-            raise StateMismatchError(f"the editing state was made for a different setting ({details}); "
+            hint = (" (the same model name with other weights: another checkpoint, or a state of another model)"
+                    if differing == ["unedited_weights"] else "")
+            raise StateMismatchError(f"the editing state was made for a different setting ({details}){hint}; "
                                      "create a new state or reset the model")
 
     # ------------------------------------------------------------------

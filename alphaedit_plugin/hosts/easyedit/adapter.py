@@ -37,7 +37,8 @@ import torch
 
 from ... import registry
 from ...architectures import get_module
-from ...edit_loop import create_state, edit_in_place, edited_weights_copy, state_identity, validate_setup
+from ...edit_loop import (check_positions_before_statistics, create_state, edit_in_place, edited_weights_copy,
+                          state_identity, validate_setup)
 from ...hparams import EditHyperParams
 from ...requests import normalise_requests
 from ...state import EditingState
@@ -176,6 +177,7 @@ def apply_easyedit(
     templates = validate_setup(model, hparams)
     if copy:
         model = copy_module.deepcopy(model)  # the copy carries a copy of the states, the original keeps its own
+    check_positions_before_statistics(model, tok, normalised, hparams)
     tracked = _tracked_state(model, tok, hparams, templates)
     before = fingerprints(model, hparams, templates)
     weights_copy = edited_weights_copy(model, templates, hparams.layers)
