@@ -4,7 +4,6 @@ sequential state across calls, the host's evaluators, bad input. CPU, tiny rando
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -15,8 +14,7 @@ import yaml
 
 easyeditor = require_host()
 
-from conftest import (VOCAB, build_gpt2, build_llama, make_tokenizer, use_smollm2_statistics,  # noqa: E402
-                      write_corpus)
+from conftest import VOCAB, build_gpt2, build_llama, make_tokenizer, write_corpus  # noqa: E402
 from easyeditor import BaseEditor  # noqa: E402
 from easyeditor.util.alg_dict import ALG_DICT  # noqa: E402
 
@@ -324,25 +322,5 @@ def test_request_without_subject_is_refused_before_any_weight_changes(tmp_path):
     after = edited_weights(editor, hparams)
     assert all(torch.equal(before[l], after[l]) for l in hparams.layers)
 
-
-# ---------------------------------------------------------------------------
-@pytest.mark.real_model
-def test_smollm2_through_the_host(tmp_path, smollm2_stats_dir):
-    models = pytest.importorskip("alphaedit_plugin.models", reason="alphaedit_plugin.models is not available")
-    try:
-        model, tok = models.load_smollm2()
-    except Exception as error:  # the wheel is not installed: say so
-        pytest.skip(f"SmolLM2 not available: {type(error).__name__}: {error}")
-    root = Path(__file__).resolve().parents[1]
-    hparams = AlphaEditHyperParams.from_hparams(root / "hparams" / "AlphaEdit" / "smollm2-135m.yaml")
-    use_smollm2_statistics(hparams, smollm2_stats_dir)
-    hparams.batch_size = 1
-    hparams.model_name = (model, tok)
-    editor = BaseEditor.from_hparams(hparams)
-    kwargs = dict(prompts=["The Eiffel Tower is located in the city of"], target_new=["Rome"],
-                  subject=["Eiffel Tower"])
-    if not LEGACY:
-        kwargs["sequential_edit"] = True
-    metrics, _, _ = editor.edit(**kwargs)
-    assert metrics[0]["post"]["rewrite_acc"][0] > metrics[0]["pre"]["rewrite_acc"][0]
-    assert metrics[0]["post"]["rewrite_acc"][0] >= 0.99
+# AlphaEdit on the real SmolLM2 through BaseEditor: tests/test_knowedit_host_parity.py (with KnowEdit records and the
+# host's evaluators) and notebooks/01_quickstart.ipynb.

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (BUILDERS, FACTS, assert_weights_unchanged, corpus_texts, exact_hparams, make_hparams,
-                      make_tokenizer, weights_snapshot, write_corpus)
+from conftest import (BUILDERS, FACTS, assert_weights_unchanged, exact_hparams, make_hparams, make_tokenizer,
+                      weights_snapshot)
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import alphaedit_plugin
