@@ -43,8 +43,8 @@ from .layer_spreading import spread_residual
 from .methods.base import EditMethod
 from .projector_file import file_identity, load_projector_file
 from .requests import EditRequest, RequestError, normalise_requests
-from .tracing import encode
 from .state import EditingState, EditRecord
+from .tracing import encode
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,10 @@ def validate_setup(model, hparams) -> ModuleTemplates:
     if hparams.v_loss_layer >= total:
         raise ValueError(f"v_loss_layer {hparams.v_loss_layer} is outside the model, which has blocks 0..{total - 1}")
     loss_layer = hparams.v_loss_layer if hparams.v_loss_layer >= 0 else total + hparams.v_loss_layer
-    if not 0 <= loss_layer < total or loss_layer < hparams.layers[-1]:
+    if loss_layer < 0:
+        raise ValueError(f"v_loss_layer {hparams.v_loss_layer} is outside the model, which has blocks 0..{total - 1} "
+                         "(-1 is the last)")
+    if loss_layer < hparams.layers[-1]:
         raise ValueError(f"v_loss_layer {hparams.v_loss_layer} (block {loss_layer}) is below the last edited layer "
                          f"{hparams.layers[-1]}: the target is read at or above the block its value is searched at; "
                          "use -1 (the last block) or a block >= the last edited layer")

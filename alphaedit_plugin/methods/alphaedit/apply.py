@@ -10,7 +10,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ...edit_loop import LayerUpdates, apply_to_model, compute_update
+from ...edit_loop import LayerUpdates, apply_to_model, compute_update, edit_lock, editing_modes
 from ...requests import EditRequest, normalise_requests
 from ...state import EditingState
 from .hparams import AlphaEditHyperParams
@@ -27,7 +27,9 @@ def execute_alphaedit(model, tok, requests: Sequence[EditRequest], hparams: Alph
                       state: EditingState) -> LayerUpdates:
     """Compute the update of every edited layer; the model's weights are left exactly as found."""
     _check(hparams, "execute_alphaedit")
-    return compute_update(model, tok, normalise_requests(requests), hparams, state)
+    hparams.validate()
+    with edit_lock(model), editing_modes(model):
+        return compute_update(model, tok, normalise_requests(requests), hparams, state)
 
 
 def apply_alphaedit_to_model(
