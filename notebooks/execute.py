@@ -1,7 +1,7 @@
 """Execute the notebooks with this interpreter as their kernel, and optionally save their outputs.
 
     .venv/bin/python notebooks/execute.py --inplace notebooks/02_sequential_comparison.ipynb
-    .venv-easyedit/bin/python notebooks/execute.py --inplace notebooks/01_quickstart.ipynb
+    PYTHONPATH=../shared/hosts/EasyEdit .venv/bin/python notebooks/execute.py --inplace notebooks/01_quickstart.ipynb
 
 Each notebook runs in a fresh kernel started from ``sys.executable`` (a kernelspec written to
 a temporary folder, so no Jupyter installation or registered kernel is needed), with the
