@@ -19,6 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from common import optional_bench_flags, run_bench
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 METHODS = ("MEMIT", "MEMIT+P", "PRUNE", "PRUNE+P", "RECT", "RECT+P", "AlphaEdit")
@@ -43,17 +45,11 @@ def bench_arguments(argv=None) -> list:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bench = ["--methods", "unedited", *methods, "--model", "smollm2", "--data", args.data, "--edits", args.edits,
              "--batch-size", args.batch_size, "--corpus", args.corpus, "--output", args.output, "--device", args.device]
-    for flag, value in (("--samples", args.samples), ("--max-tokens", args.max_tokens),
-                        ("--stats-dir", args.stats_dir)):
-        if value is not None:
-            bench += [flag, value]
-    return bench + [a for a in args.rest if a != "--"]
+    return bench + optional_bench_flags(args)
 
 
 def main(argv=None) -> int:
-    from alphaedit_plugin.bench.cli import main as bench_main
-
-    return bench_main(bench_arguments(argv))
+    return run_bench(bench_arguments(argv))
 
 
 if __name__ == "__main__":

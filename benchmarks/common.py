@@ -26,3 +26,19 @@ def corpus_problem(corpus: str) -> Optional[str]:
     if corpus != "self" and not Path(corpus).exists():
         return f"statistics corpus not found at {corpus}; pass --corpus PATH or --corpus self"
     return None
+
+
+def optional_bench_flags(args) -> List[str]:
+    """The presets' optional alphaedit-bench flags (statistics settings) and whatever followed ``--``."""
+    flags: List[str] = []
+    for flag, value in (("--samples", args.samples), ("--max-tokens", args.max_tokens),
+                        ("--stats-dir", args.stats_dir)):
+        if value is not None:
+            flags += [flag, value]
+    return flags + [a for a in args.rest if a != "--"]
+
+
+def run_bench(argv: List[str]) -> int:
+    from alphaedit_plugin.bench.cli import main as bench_main
+
+    return bench_main(argv)

@@ -18,6 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from common import optional_bench_flags, run_bench
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -40,17 +42,11 @@ def bench_arguments(argv=None) -> list:
     bench = ["--methods", "AlphaEdit", "unedited", "--model", "smollm2", "--data", args.data, "--edits", args.edits,
              "--batch-size", args.batch_size, "--corpus", args.corpus, "--method-hparams",
              f"AlphaEdit={args.hparams}", "--output", output]
-    for flag, value in (("--samples", args.samples), ("--max-tokens", args.max_tokens),
-                        ("--stats-dir", args.stats_dir)):
-        if value is not None:
-            bench += [flag, value]
-    return bench + [a for a in args.rest if a != "--"]
+    return bench + optional_bench_flags(args)
 
 
 def main(argv=None) -> int:
-    from alphaedit_plugin.bench.cli import main as bench_main
-
-    return bench_main(bench_arguments(argv))
+    return run_bench(bench_arguments(argv))
 
 
 if __name__ == "__main__":
