@@ -5,8 +5,9 @@ state; what the written weights achieve can be far less (a null space too
 small for the edits so far, a ridge that shrinks the update, a search that
 never converged). After writing, :func:`achieved_probabilities` measures, in
 one batched forward pass, each request's new target on its bare prompt: the
-geometric mean of the per-token probabilities, the quantity the search
-maximises (which also averages over the context prefixes). A request whose
+geometric mean of the per-token probabilities, as the evaluation scores an
+answer (the search maximises the same quantity, averaged over the context
+prefixes too). A request whose
 achieved probability is below ``TOOK_FRACTION`` of the searched one (of 1
 where the search reports none) did not take; :func:`why_not_taken` says what
 it can tell.
@@ -19,31 +20,18 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
+from .evaluation.scoring import answer_nll
 from .requests import EditRequest
-from .tracing import encode, pad_right, pad_token_id
 
 TOOK_FRACTION = 0.5
 SEARCH_CONVERGED = 0.5  # the search's own probability below this: it did not reach the target
 
 
-@torch.no_grad()
 def achieved_probabilities(model, tok, requests: Sequence[EditRequest]) -> List[float]:
-    """Per request, exp(mean log P(target token | prompt, earlier target tokens)) under the model as it is."""
-    device = next(model.parameters()).device
-    rows, spans = [], []
-    for request in requests:
-        prompt_ids = encode(tok, request.prompt)
-        target_ids = encode(tok, request.target, special_tokens=False)
-        rows.append(prompt_ids + target_ids[:-1])
-        spans.append((len(prompt_ids) - 1, target_ids))
-    input_ids, mask = pad_right(rows, pad_token_id(tok), device)
-    log_probs = model(input_ids=input_ids, attention_mask=mask).logits.float().log_softmax(-1)
-    result = []
-    for row, (start, target_ids) in enumerate(spans):
-        positions = torch.arange(start, start + len(target_ids), device=device)
-        picked = log_probs[row, positions, torch.tensor(target_ids, device=device)]
-        result.append(float(picked.mean().exp()))
-    return result
+    """Per request, exp(mean log P(target token | prompt, earlier target tokens)) under the model as it is: the
+    evaluation's own answer score (:func:`~alphaedit_plugin.evaluation.scoring.answer_nll`)."""
+    nll = answer_nll(model, tok, [(request.prompt, request.target) for request in requests])
+    return [math.exp(-value) for value in nll]
 
 
 def took(achieved: float, searched: float) -> bool:

@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -56,26 +56,33 @@ def heldout_every(hparams) -> int:
     return round(1 / hparams.mom2_heldout_fraction) if hparams.mom2_heldout_fraction > 0 else 0
 
 
+def key_parameters(model, templates: ModuleTemplates, last_layer: int) -> Iterator[Tuple[str, torch.Tensor, Optional[int]]]:
+    """``(name, parameter, block)`` of every weight the keys of blocks 0..``last_layer`` depend on, in the model's
+    order: the embeddings and other shared parameters (block None) and the parameters of those blocks. The final
+    norm and the head are left out: nothing below them depends on them."""
+    block_prefix = {i: templates.layer_module_tmp.format(i) + "." for i in range(last_layer + 1)}
+    outside = (templates.ln_f_module + ".", templates.lm_head_module + ".")
+    blocks_root = templates.layer_module_tmp.split("{}")[0]  # e.g. "model.layers."
+    for name, parameter in model.named_parameters():
+        block = next((i for i, prefix in block_prefix.items() if name.startswith(prefix)), None)
+        if block is not None:
+            yield name, parameter, block
+        elif not name.startswith(outside) and not name.startswith(blocks_root):
+            yield name, parameter, None
+
+
 def key_weight_fingerprints(model, templates: ModuleTemplates, layers: List[int]) -> Dict[int, str]:
     """Per layer, a hash of every weight the keys at that layer depend on.
 
     The input of block l's output projection depends on the embeddings and on
     blocks 0..l; those parameters (block l's own included) are hashed, each
-    tensor once, and combined per layer. The final norm and the head are left
-    out: nothing below them depends on them.
+    tensor once, and combined per layer.
     """
-    block_prefix = {i: templates.layer_module_tmp.format(i) + "." for i in range(max(layers) + 1)}
-    outside = (templates.ln_f_module + ".", templates.lm_head_module + ".")
-    blocks_root = templates.layer_module_tmp.split("{}")[0]  # e.g. "model.layers."
-    shared, per_block = [], {i: [] for i in block_prefix}
-    for name, parameter in model.named_parameters():
-        block = next((i for i, prefix in block_prefix.items() if name.startswith(prefix)), None)
-        if block is not None:
-            per_block[block].append(f"{name}:{cache.tensor_sha256(parameter)}")
-        elif not name.startswith(outside) and not name.startswith(blocks_root):
-            shared.append(f"{name}:{cache.tensor_sha256(parameter)}")
+    shared, per_block = [], {i: [] for i in range(max(layers) + 1)}
+    for name, parameter, block in key_parameters(model, templates, max(layers)):
+        (shared if block is None else per_block[block]).append(f"{name}:{cache.tensor_sha256(parameter)}")
     result, running = {}, list(shared)
-    for i in sorted(block_prefix):
+    for i in sorted(per_block):
         running.extend(per_block[i])
         if i in layers:
             result[i] = cache.digest({"weights": running})
@@ -86,8 +93,8 @@ SAMPLED_ELEMENTS = 4096
 
 
 def unedited_weights_fingerprint(model, templates: ModuleTemplates, layers: List[int]) -> str:
-    """A hash of what an editing state belongs to: every weight the edited layers' keys depend on (the
-    embeddings and blocks 0..max(layers)) except the edited modules' own weights, which the edits change.
+    """A hash of what an editing state belongs to: every weight the edited layers' keys depend on
+    (:func:`key_parameters`) except the edited modules' own weights, which the edits change.
 
     Each tensor contributes its name, shape, dtype and an evenly strided sample of at most
     ``SAMPLED_ELEMENTS`` entries: another checkpoint (a fine-tuned model under the same name) differs
@@ -95,13 +102,9 @@ def unedited_weights_fingerprint(model, templates: ModuleTemplates, layers: List
     every edit.
     """
     edited = {templates.rewrite_module_tmp.format(layer) + ".weight" for layer in layers}
-    blocks = tuple(templates.layer_module_tmp.format(i) + "." for i in range(max(layers) + 1))
-    outside = (templates.ln_f_module + ".", templates.lm_head_module + ".")
-    blocks_root = templates.layer_module_tmp.split("{}")[0]
     sha = hashlib.sha256()
-    for name, parameter in model.named_parameters():
-        shared = not name.startswith(outside) and not name.startswith(blocks_root)
-        if name in edited or not (name.startswith(blocks) or shared):
+    for name, parameter, _ in key_parameters(model, templates, max(layers)):
+        if name in edited:
             continue
         flat = parameter.detach().reshape(-1)
         sample = flat[::max(1, flat.numel() // SAMPLED_ELEMENTS)][:SAMPLED_ELEMENTS].to("cpu").contiguous()

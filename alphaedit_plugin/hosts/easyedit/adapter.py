@@ -37,6 +37,7 @@ import torch
 
 from ... import registry
 from ...architectures import get_module
+from ...cache import tensor_sha256
 from ...edit_loop import (check_positions_before_statistics, create_state, edit_in_place, edited_weights_copy,
                           state_identity, validate_setup)
 from ...hparams import EditHyperParams
@@ -66,12 +67,9 @@ class EditingSession:
 
 # ---------------------------------------------------------------------------
 def fingerprints(model, hparams, templates) -> Dict[int, str]:
-    result = {}
-    for layer in hparams.layers:
-        weight = get_module(model, templates.rewrite_module_tmp.format(layer)).weight.detach()
-        data = weight.to("cpu").contiguous().view(torch.uint8).numpy()
-        result[layer] = hashlib.sha256(data.tobytes()).hexdigest()
-    return result
+    """A hash of each edited layer's weight, to tell whether the host restored it since our last edit."""
+    return {layer: tensor_sha256(get_module(model, templates.rewrite_module_tmp.format(layer)).weight)
+            for layer in hparams.layers}
 
 
 def _setting_key(identity: Dict[str, Any]) -> str:
