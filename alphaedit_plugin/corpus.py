@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -63,12 +64,21 @@ def corpus_identity(spec: str, max_tokens: int, seed: int) -> Dict[str, object]:
         if not path.exists():
             raise CorpusError(f"mom2_dataset {spec!r} is not an existing file or folder; give a path to a text "
                               "corpus (e.g. ../shared/data/wikitext/wiki.test.raw), 'self' or a hub name")
-        sha = hashlib.sha256()
-        for file in _local_files(path):
-            sha.update(file.name.encode())
-            sha.update(file.read_bytes())
-        return {"corpus": f"file:{path.name}", "sha256": sha.hexdigest()[:16], "max_tokens": max_tokens}
+        versions = tuple((str(file), file.stat().st_size, file.stat().st_mtime_ns) for file in _local_files(path))
+        return {"corpus": f"file:{path.name}", "sha256": _files_digest(versions), "max_tokens": max_tokens}
     return {"corpus": f"hub:{spec}", "max_tokens": max_tokens}
+
+
+@functools.lru_cache(maxsize=16)
+def _files_digest(versions: tuple) -> str:
+    """The corpus files' content hash, read once per version of the files (the state's identity asks for it at
+    every edit, and a corpus can be large)."""
+    sha = hashlib.sha256()
+    for name, _, _ in versions:
+        file = Path(name)
+        sha.update(file.name.encode())
+        sha.update(file.read_bytes())
+    return sha.hexdigest()[:16]
 
 
 def _read_text(file: Path) -> str:

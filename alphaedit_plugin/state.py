@@ -182,8 +182,10 @@ class EditingState:
         ignored = {"weights_sha256"}
         if "unedited_weights" not in self.identity:
             ignored.add("unedited_weights")
-            logger.warning("the editing state records no fingerprint of the model's weights (an earlier file "
-                           "format): it is checked by the model's name only")
+            if not self.__dict__.get("_said_no_weights"):  # once per state, not at every edit
+                self._said_no_weights = True
+                logger.warning("the editing state records no fingerprint of the model's weights (an earlier file "
+                               "format): it is checked by the model's name only")
         differing = sorted(k for k in set(self.identity) | set(identity)
                            if k not in ignored and self.identity.get(k) != identity.get(k))
         if differing:
