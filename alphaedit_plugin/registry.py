@@ -23,6 +23,7 @@ registered names with their variants' suffixes.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,8 @@ from .hparams import EditHyperParams, read_yaml
 
 logger = logging.getLogger(__name__)
 
-HPARAMS_ROOT = Path(__file__).resolve().parents[1] / "hparams"
+# The yaml files shipped inside the package (package data; the repository's top-level hparams/ links here).
+HPARAMS_ROOT = Path(str(importlib.resources.files(__package__) / "shipped_hparams"))
 # Model names with shipped yaml files: hparams/<method>/<key><variant's yaml suffix>.yaml
 MODEL_KEYS = {"smollm2": "smollm2-135m"}
 

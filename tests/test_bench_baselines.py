@@ -25,6 +25,7 @@ HOST_STEP_LABELS = ("MEMIT@easyeditor", "MEMIT@easyeditor+P", "PRUNE@easyeditor"
                     "RECT@easyeditor", "RECT@easyeditor+P")
 
 ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "alphaedit_plugin" / "shipped_hparams"  # the package data hparams/ links to
 FIXTURES = Path(__file__).parent / "fixtures"
 DATA = str(FIXTURES / "counterfact_flat.json")
 CLASSES = {"MEMIT": MEMITHyperParams, "PRUNE": PRUNEHyperParams, "RECT": RECTHyperParams}
@@ -65,8 +66,8 @@ def saved_state(folder: Path) -> EditingState:
 
 def test_every_method_and_variant_is_listed():
     assert set(available_methods()) == {"unedited", "AlphaEdit", *BASELINE_LABELS, *HOST_STEP_LABELS}
-    assert default_hparams_path("PRUNE+P", "smollm2") == ROOT / "hparams" / "PRUNE" / "smollm2-135m-projected.yaml"
-    assert default_hparams_path("RECT", "SmolLM2") == ROOT / "hparams" / "RECT" / "smollm2-135m.yaml"
+    assert default_hparams_path("PRUNE+P", "smollm2") == SHIPPED / "PRUNE" / "smollm2-135m-projected.yaml"
+    assert default_hparams_path("RECT", "SmolLM2") == SHIPPED / "RECT" / "smollm2-135m.yaml"
     assert default_hparams_path("MEMIT", "/some/local/model") is None
 
 
@@ -302,8 +303,8 @@ def test_cli_assigns_hparams_per_method():
                                 "--method-hparams", f"MEMIT={memit}", "--corpus", "wiki.txt"))
     options = cfg.method_options
     assert options["MEMIT"].hparams == memit
-    assert options["MEMIT+P"].hparams == projected  # the default for smollm2
-    assert options["AlphaEdit"].hparams == str(ROOT / "hparams/AlphaEdit/smollm2-135m.yaml")
+    assert options["MEMIT+P"].hparams == str(SHIPPED / "MEMIT/smollm2-135m-projected.yaml")  # smollm2's default
+    assert options["AlphaEdit"].hparams == str(SHIPPED / "AlphaEdit/smollm2-135m.yaml")
     assert options["MEMIT+P"].overrides["mom2_dataset"] == "wiki.txt" and options["unedited"].hparams is None
     # --hparams: the one method left without --method-hparams
     cfg = config_from_args(args("--methods", "MEMIT", "MEMIT+P", "unedited", "--model", "/local/model",

@@ -9,6 +9,7 @@ from pathlib import Path
 from alphaedit_plugin.bench.cli import build_parser, config_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "alphaedit_plugin" / "shipped_hparams"  # the package data hparams/ links to
 
 
 def preset(name):
@@ -36,4 +37,4 @@ def test_baselines_preset_lists_every_method_with_its_shipped_yaml(tmp_path):
                                                            "--output", str(tmp_path / "b")])
     config = config_from_args(build_parser().parse_args(argv), argv)
     assert config.methods == ["unedited", "MEMIT", "MEMIT+P", "AlphaEdit"] and config.edits == 300
-    assert config.method_options["MEMIT+P"].hparams == str(ROOT / "hparams" / "MEMIT" / "smollm2-135m-projected.yaml")
+    assert config.method_options["MEMIT+P"].hparams == str(SHIPPED / "MEMIT" / "smollm2-135m-projected.yaml")
