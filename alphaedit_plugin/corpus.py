@@ -5,10 +5,22 @@
 - a local text file or a folder of them (``.txt``, ``.raw``, ``.text``,
   ``.md``, or ``.jsonl`` with a ``text`` field): one sample per non-empty
   paragraph line, headings (``= Title =``) skipped, as in WikiText;
+- a local ``.parquet`` file or a folder holding them, in the layout of the
+  hub's ``wikimedia/wikipedia`` (``20231101.en/train-00000-of-00041.parquet``,
+  columns ``id``, ``url``, ``title``, ``text``): one sample per row's ``text``,
+  files in name order, read through the optional ``datasets`` package;
 - ``self``: text sampled from the model itself with a fixed seed, so that the
   package works offline on any model;
-- any other name: a datasets-hub corpus, where the ``datasets`` package and a
-  network are available (the paper used Wikipedia).
+- ``wikipedia`` (what EasyEdit's yaml files say) or ``wikimedia/wikipedia``:
+  the English Wikipedia dump ``20231101.en`` of the hub's ``wikimedia/wikipedia``,
+  streamed; ``wikimedia/wikipedia:20231101.de`` picks another of its configs;
+- any other name, ``name`` or ``name:config``: a datasets-hub corpus (split
+  ``train``, its ``text`` column), streamed.
+
+Hub and parquet corpora give one sample per article: its text, cut to
+``mom2_max_tokens`` tokens, the first ``mom2_n_samples`` articles in stream
+order (deterministic), as the paper's statistics took Wikipedia articles.
+They need the ``datasets`` package (``pip install alphaedit-plugin[wikipedia]``).
 
 :func:`corpus_identity` is cheap and goes into cache keys;
 :func:`corpus_token_sequences` does the work and is only called on a miss.
@@ -20,8 +32,10 @@ import functools
 import hashlib
 import json
 import logging
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -36,6 +50,19 @@ SELF_START_WORDS = ("The", "In", "A", "This", "It", "He", "She", "When", "After"
                     "During", "His", "Her", "According")
 SELF_BATCH = 128
 MIN_PARAGRAPH_CHARS = 40
+PARQUET_SUFFIX = ".parquet"
+
+WIKIPEDIA = "wikimedia/wikipedia"  # the hub's Wikipedia, one config per dump and language
+WIKIPEDIA_DUMP = "20231101"
+WIKIPEDIA_CONFIG = f"{WIKIPEDIA_DUMP}.en"
+LEGACY_WIKIPEDIA = "wikipedia"  # EasyEdit's yaml files; its 20220301.* configs are no longer served
+HUB_SPLIT = "train"
+TEXT_COLUMN = "text"
+INSTALL_HINT = "pip install 'alphaedit-plugin[wikipedia]' (or pip install datasets)"
+# An article is tokenised from a prefix of at most this many characters per wanted token (cut at a whitespace),
+# not whole: the first mom2_max_tokens tokens come out the same, and a long article costs little more than a short one.
+HEAD_CHARS_PER_TOKEN = 16
+_WHITESPACE = re.compile(r"\s")
 
 
 class CorpusError(ValueError):
@@ -43,16 +70,67 @@ class CorpusError(ValueError):
 
 
 def _local_files(path: Path) -> List[Path]:
+    """The corpus files of a local ``mom2_dataset``, in name order: the file itself; or a folder's parquet files
+    where it holds any (a folder of ``wikimedia/wikipedia`` shards, whatever else lies there), else its text
+    files."""
     if path.is_file():
         return [path]
+    parquet = sorted(p for p in path.rglob(f"*{PARQUET_SUFFIX}") if p.is_file())
+    if parquet:
+        return parquet
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + (".jsonl",))
     if not files:
-        raise CorpusError(f"mom2_dataset folder {path} holds no text files ({', '.join(TEXT_SUFFIXES)}, .jsonl)")
+        raise CorpusError(f"mom2_dataset folder {path} holds no text files ({', '.join(TEXT_SUFFIXES)}, .jsonl) "
+                          f"and no {PARQUET_SUFFIX} files")
     return files
 
 
+def _is_parquet(files: List[Path]) -> bool:
+    return files[0].suffix == PARQUET_SUFFIX
+
+
 def _is_local(spec: str) -> bool:
-    return Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")) or spec.endswith(TEXT_SUFFIXES)
+    return (Path(spec).expanduser().exists() or spec.startswith((".", "/", "~"))
+            or spec.endswith(TEXT_SUFFIXES + (PARQUET_SUFFIX,)))
+
+
+@dataclass(frozen=True)
+class HubCorpus:
+    """A datasets-hub corpus: ``load_dataset(dataset, config, split=split, streaming=True)``."""
+
+    dataset: str
+    config: Optional[str]
+    split: str = HUB_SPLIT
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}:{self.config}" if self.config else self.dataset
+
+
+_legacy_noted: set = set()
+
+
+def hub_corpus(spec: str) -> HubCorpus:
+    """What a hub ``mom2_dataset`` (``name`` or ``name:config``) reads.
+
+    ``wikimedia/wikipedia`` alone is its English dump ``20231101.en``. The old ``wikipedia`` of EasyEdit's yaml
+    files (``load_dataset("wikipedia", "20220301.en")``, which current ``datasets`` no longer serves), with or
+    without a config, is read as ``wikimedia/wikipedia`` 20231101 in the same language, with a note, once.
+    """
+    name, _, config = spec.partition(":")
+    name, config = name.strip(), config.strip() or None
+    if name == LEGACY_WIKIPEDIA:
+        language = config.rsplit(".", 1)[-1] if config else "en"
+        corpus = HubCorpus(WIKIPEDIA, f"{WIKIPEDIA_DUMP}.{language}")
+        if spec not in _legacy_noted:
+            _legacy_noted.add(spec)
+            logger.warning("mom2_dataset %r: the hub's old 'wikipedia' dataset (%s) is no longer served by "
+                           "datasets; reading %s config %s instead (set mom2_dataset: %s to say so)", spec,
+                           config or "20220301.en", corpus.dataset, corpus.config, corpus.name)
+        return corpus
+    if name == WIKIPEDIA and config is None:
+        config = WIKIPEDIA_CONFIG
+    return HubCorpus(name, config)
 
 
 def corpus_identity(spec: str, max_tokens: int, seed: int) -> Dict[str, object]:
@@ -66,7 +144,10 @@ def corpus_identity(spec: str, max_tokens: int, seed: int) -> Dict[str, object]:
                               "corpus (e.g. ../shared/data/wikitext/wiki.test.raw), 'self' or a hub name")
         versions = tuple((str(file), file.stat().st_size, file.stat().st_mtime_ns) for file in _local_files(path))
         return {"corpus": f"file:{path.name}", "sha256": _files_digest(versions), "max_tokens": max_tokens}
-    return {"corpus": f"hub:{spec}", "max_tokens": max_tokens}
+    # The number of samples is in the callers' keys (n_samples / mom2_n_samples) next to this.
+    corpus = hub_corpus(spec)
+    return {"corpus": f"hub:{corpus.name}", "dataset": corpus.dataset, "config": corpus.config,
+            "split": corpus.split, "max_tokens": max_tokens}
 
 
 @functools.lru_cache(maxsize=16)
@@ -112,22 +193,101 @@ def _paragraphs(files: List[Path]) -> Iterator[str]:
                 yield line
 
 
-def _hub_texts(spec: str, n_samples: int) -> Iterator[str]:
+def _load_dataset_function(spec: str):
+    """``datasets.load_dataset``, or a clear error where the optional package is missing."""
     try:
         from datasets import load_dataset
     except ImportError as error:
-        raise CorpusError(f"mom2_dataset {spec!r} is a hub name, but the 'datasets' package is not installed; "
-                          "point mom2_dataset at a local text file or folder, or use 'self'") from error
-    name, config = (spec, "20220301.en") if spec == "wikipedia" else (spec, None)
+        raise CorpusError(f"mom2_dataset {spec!r} is read through the 'datasets' package, which is not installed: "
+                          f"{INSTALL_HINT}; or point mom2_dataset at a local text file or folder, or use "
+                          "'self'") from error
+    return load_dataset
+
+
+def _record_texts(spec: str, records: Iterable[dict], source: str) -> Iterator[str]:
+    """The non-empty ``text`` of each record, in order."""
+    for record in records:
+        if TEXT_COLUMN not in record:
+            raise CorpusError(f"mom2_dataset {spec!r}: {source} has no {TEXT_COLUMN!r} column (columns: "
+                              f"{', '.join(map(str, record))}); a corpus of articles needs one")
+        text = record[TEXT_COLUMN]
+        if isinstance(text, str) and text.strip():
+            yield text
+
+
+def _parquet_texts(spec: str, files: List[Path]) -> Iterator[str]:
+    load_dataset = _load_dataset_function(spec)
+    names = [str(file) for file in files]
+    logger.info("mom2_dataset %s: streaming %d parquet file(s) through datasets (%s%s)", spec, len(files),
+                files[0].name, f" … {files[-1].name}" if len(files) > 1 else "")
     try:
-        stream = load_dataset(name, config, split="train", streaming=True)
-        for i, record in enumerate(stream):
-            if i >= n_samples:
-                break
-            yield record["text"]
+        stream = load_dataset("parquet", data_files=names, split=HUB_SPLIT, streaming=True)
+        yield from _record_texts(spec, stream, "the parquet data")
+    except CorpusError:
+        raise
     except Exception as error:
-        raise CorpusError(f"mom2_dataset {spec!r} could not be loaded from the hub ({type(error).__name__}: {error}); "
-                          "offline, point mom2_dataset at a local text file or folder, or use 'self'") from error
+        raise CorpusError(f"mom2_dataset {spec!r}: its parquet files could not be read ({type(error).__name__}: "
+                          f"{error}); expected files like {WIKIPEDIA_CONFIG}/train-00000-of-00041.parquet with a "
+                          f"{TEXT_COLUMN!r} column") from error
+
+
+def _offline_mode() -> bool:
+    try:
+        from datasets import config
+        return bool(config.HF_HUB_OFFLINE)
+    except Exception:  # noqa: BLE001 - only for the wording of an error
+        return False
+
+
+def _how_to_get(corpus: HubCorpus) -> str:
+    advice = ("either run once with network access, loading it in full to cache it "
+              f"(datasets.load_dataset({corpus.dataset!r}, {corpus.config!r}); streamed reads are not cached), "
+              "or download its parquet files and point mom2_dataset at their folder")
+    if corpus.dataset == WIKIPEDIA:
+        advice += (f", e.g. hf download {WIKIPEDIA} --repo-type dataset --include "
+                   f"'{corpus.config}/train-0000[0-1]-*' --local-dir wikipedia (the first shards: the articles "
+                   f"the stream reads first), then mom2_dataset: wikipedia/{corpus.config}")
+    return advice
+
+
+def _hub_texts(spec: str) -> Iterator[str]:
+    corpus = hub_corpus(spec)
+    load_dataset = _load_dataset_function(spec)
+    logger.info("mom2_dataset %s: streaming %s (config %s, split %s) from the datasets hub", spec, corpus.dataset,
+                corpus.config, corpus.split)
+    try:
+        stream = load_dataset(corpus.dataset, corpus.config, split=corpus.split, streaming=True)
+        yield from _record_texts(spec, stream, f"hub dataset {corpus.name}")
+    except CorpusError:
+        raise
+    except ConnectionError as error:  # datasets 4: "Couldn't reach '…' on the Hub (OfflineModeIsEnabled)"
+        why = ("offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)" if _offline_mode()
+               else "the hub cannot be reached")
+        raise CorpusError(f"mom2_dataset {spec!r} needs the hub dataset {corpus.dataset} (config {corpus.config}, "
+                          f"split {corpus.split}), which is not in the local datasets cache, and {why} "
+                          f"({type(error).__name__}: {error}); {_how_to_get(corpus)}") from error
+    except Exception as error:
+        raise CorpusError(f"mom2_dataset {spec!r}: the hub dataset {corpus.dataset} (config {corpus.config}, split "
+                          f"{corpus.split}) could not be loaded ({type(error).__name__}: {error}); where there is "
+                          f"no network, {_how_to_get(corpus)}; or use a local text corpus or 'self'") from error
+
+
+def _head(text: str, max_tokens: int) -> str:
+    """A prefix of ``text`` long enough for its first ``max_tokens`` tokens: the text up to the first whitespace
+    after ``HEAD_CHARS_PER_TOKEN`` characters per token (the whole text where it is shorter or has none)."""
+    budget = max_tokens * HEAD_CHARS_PER_TOKEN
+    if len(text) <= budget:
+        return text
+    space = _WHITESPACE.search(text, budget)
+    return text if space is None else text[:space.start()]
+
+
+def _truncated_ids(tok, text: str, max_tokens: int) -> List[int]:
+    head = _head(text, max_tokens)
+    ids = encode(tok, head)
+    if head is not text and len(ids) <= max_tokens:  # tokens longer than the budget allows: the whole text
+        ids = encode(tok, text)
+    return ids[:max_tokens]
 
 
 def _self_sequences(model, tok, n_samples: int, max_tokens: int, seed: int) -> List[List[int]]:
@@ -173,18 +333,28 @@ def corpus_token_sequences(spec: str, model, tok, n_samples: int, max_tokens: in
         logger.info("sampling %d texts of up to %d tokens from the model itself (mom2_dataset: self)",
                     n_samples, max_tokens)
         return _self_sequences(model, tok, n_samples, max_tokens, seed)
+    shortest = "article of at least 2 tokens"
     if _is_local(spec):
-        texts = _paragraphs(_local_files(Path(spec).expanduser()))
+        files = _local_files(Path(spec).expanduser())
+        if _is_parquet(files):
+            texts = _parquet_texts(spec, files)
+        else:
+            texts, shortest = _paragraphs(files), f"text of at least {MIN_PARAGRAPH_CHARS} characters"
     else:
-        texts = _hub_texts(spec, n_samples)
+        texts = _hub_texts(spec)
     sequences = []
-    for text in texts:
-        if len(sequences) >= n_samples:
-            break
-        ids = encode(tok, text)[:max_tokens]
-        if len(ids) >= 2:
-            sequences.append(ids)
+    with tqdm(total=n_samples, desc="reading corpus", unit="text") as progress:
+        try:
+            for text in texts:
+                ids = _truncated_ids(tok, text, max_tokens)
+                if len(ids) >= 2:
+                    sequences.append(ids)
+                    progress.update()
+                    if len(sequences) >= n_samples:
+                        break
+        finally:
+            texts.close()  # a stream stops here, at n_samples
     if not sequences:
-        raise CorpusError(f"mom2_dataset {spec!r} yielded no text of at least {MIN_PARAGRAPH_CHARS} characters")
+        raise CorpusError(f"mom2_dataset {spec!r} yielded no {shortest}")
     logger.info("corpus %s: %d texts, %d tokens", spec, len(sequences), sum(map(len, sequences)))
     return sequences
