@@ -13,18 +13,19 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, List, Sequence
 
 import torch
 
 from .edit_loop import create_state
 from .methods.alphaedit import AlphaEditHyperParams, apply_alphaedit_to_model
-from .models import load_smollm2
+from .models import ModelNotAvailableError, load_smollm2
+from .registry import HPARAMS_ROOT
+from .run_settings import check_device, torch_dtype
 
 logger = logging.getLogger("alphaedit_plugin.demo")
 
-DEFAULT_HPARAMS = Path(__file__).resolve().parent.parent / "hparams" / "AlphaEdit" / "smollm2-135m.yaml"
+DEFAULT_HPARAMS = HPARAMS_ROOT / "AlphaEdit" / "smollm2-135m.yaml"
 
 
 @dataclass(frozen=True)
@@ -112,18 +113,32 @@ def main(argv: Sequence[str] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hparams", default=str(DEFAULT_HPARAMS), help="AlphaEdit hparams yaml")
     parser.add_argument("--device", default=None, help="override the hparams device (cpu, cuda, cuda:0)")
+    parser.add_argument("--dtype", default=None, help="override the hparams dtype (float32, bfloat16, float16)")
     parser.add_argument("--edits", type=int, default=len(DEMO_FACTS), help="how many of the demo facts to apply")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    hparams = AlphaEditHyperParams.from_hparams(args.hparams)
-    if args.device:
-        hparams.device = args.device
+    try:
+        hparams = AlphaEditHyperParams.from_hparams(args.hparams)
+        if args.device:
+            hparams.device = args.device
+        if args.dtype:
+            hparams.dtype, hparams.fp16 = args.dtype, False
+        hparams.validate()
+        check_device(hparams.torch_device, "--device" if args.device else "device")
+    except (ValueError, FileNotFoundError) as error:
+        logger.error("%s", error)
+        return 2
     facts = DEMO_FACTS[: args.edits]
 
     started = time.perf_counter()
-    model, tok = load_smollm2(device=hparams.torch_device, cache_dir=hparams.stats_dir)
+    try:
+        model, tok = load_smollm2(device=hparams.torch_device, dtype=torch_dtype(hparams.model_dtype),
+                                  cache_dir=hparams.stats_dir)
+    except ModelNotAvailableError as error:
+        logger.error("%s", error)
+        return 2
     logger.info("model ready in %.1f s", time.perf_counter() - started)
     started = time.perf_counter()
     state = create_state(model, tok, hparams)

@@ -150,8 +150,20 @@ def create_state(model, tok, hparams) -> EditingState:
     method = registry.method_for(hparams)
     hparams.validate()
     templates = validate_setup(model, hparams)
+    _note_dtype_mismatch(model, hparams)
     with editing_modes(model):
         return _create_state(model, tok, hparams, method, templates)
+
+
+def _note_dtype_mismatch(model, hparams) -> None:
+    """The hparams' dtype only says how a model is loaded; a model given in another dtype is edited in its own."""
+    if hparams.dtype is None and not hparams.fp16:
+        return
+    actual = next(model.parameters()).dtype
+    if str(actual).replace("torch.", "") != hparams.model_dtype:
+        logger.warning("the hparams ask for a %s model (dtype/fp16), but the model given is %s: it is edited in %s "
+                       "(the dtype only applies where the plugin loads the model)", hparams.model_dtype,
+                       str(actual).replace("torch.", ""), str(actual).replace("torch.", ""))
 
 
 def _create_state(model, tok, hparams, method: EditMethod, templates: ModuleTemplates) -> EditingState:

@@ -27,6 +27,8 @@ from typing import Any, ClassVar, List, Optional, Tuple, Union
 
 import yaml
 
+from .run_settings import model_dtype_name
+
 logger = logging.getLogger(__name__)
 
 FACT_TOKEN_STRATEGIES = ("subject_last", "subject_first", "last")
@@ -106,8 +108,15 @@ class EditHyperParams:
     model_parallel: bool = _help(
         "When the plugin loads the model by path: spread it over the available devices (device_map='auto'), as "
         "EasyEdit's loader does.", default=False)
-    fp16: bool = _help("When the plugin loads the model by path: load it in float16, as EasyEdit's loader does.",
-                       default=False)
+    fp16: bool = _help("EasyEdit's spelling of dtype: float16 (true loads the model in float16).", default=False)
+    dtype: Optional[str] = _help(
+        "The model's dtype wherever the plugin loads it (BaseEditor with a path, alphaedit-bench, the demo): "
+        "float32, bfloat16 or float16 (also fp32, bf16, fp16, torch.bfloat16). Left out: float16 with "
+        "fp16: true, else float32. Statistics, projector and solve stay float32/float64 whatever it is.",
+        default=None)
+    trust_remote_code: bool = _help(
+        "Passed to transformers when the plugin loads the model by path or hub id (models whose code lives "
+        "in their repository).", default=False)
     seed: int = _help("Seed for context-template sampling and self-corpus generation.", default=0)
     # Fields EasyEdit reads off MEMIT-style hparams; kept so its code paths find them.
     mom2_adjustment: bool = _help("Unused (EasyEdit's MEMIT-style yaml files carry it).", default=True)
@@ -163,9 +172,10 @@ class EditHyperParams:
             raise ValueError(f"mom2_dataset must be a non-empty string (a path, 'self' or a hub name), got {self.mom2_dataset!r}")
         if self.P_loc is not None and (not isinstance(self.P_loc, str) or not self.P_loc):
             raise ValueError(f"P_loc must be the path of a projector file (or left out), got {self.P_loc!r}")
-        for name in ("model_parallel", "fp16"):
+        for name in ("model_parallel", "fp16", "trust_remote_code"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        model_dtype_name(self.dtype, self.fp16)  # a name torch has, and no contradiction with fp16
         for name in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or "{}" not in value):
@@ -212,13 +222,18 @@ class EditHyperParams:
         return str(self.device)
 
     @property
+    def model_dtype(self) -> str:
+        """The model's dtype name (float32, bfloat16, float16) from ``dtype`` or ``fp16``."""
+        return model_dtype_name(self.dtype, self.fp16)
+
+    @property
     def label(self) -> str:
         """How tables and logs name the method (a variant's class adds its suffix, e.g. ``MEMIT+P``)."""
         return self.alg_name
 
     RUNTIME_FIELDS: ClassVar[Tuple[str, ...]] = (
         "alg_name", "model_name", "device", "stats_dir", "batch_size", "max_length", "model_parallel", "fp16",
-        "mom2_adjustment", "mom2_update_weight")
+        "dtype", "trust_remote_code", "mom2_adjustment", "mom2_update_weight")
     # Fields EasyEdit's yaml files carry that this method accepts and does not use (logged once at INFO).
     UNUSED_FIELDS: ClassVar[Tuple[str, ...]] = ("mom2_adjustment", "layer_selection")
 

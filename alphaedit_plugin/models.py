@@ -22,6 +22,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .cache import cache_root
+from .run_settings import SettingError, check_device, torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SANITY_TEXT = "The capital of France is"
 
 
-class ModelNotAvailableError(RuntimeError):
-    pass
+class ModelNotAvailableError(SettingError):
+    """The model named cannot be loaded here (the message says what was looked for and how to get it)."""
 
 
 SMOLLM2_GGUF_ENV = "ALPHAEDIT_SMOLLM2_GGUF"
@@ -141,16 +142,78 @@ def check_tokenizer(tokenizer) -> None:
         raise ModelNotAvailableError(f"the tokenizer maps {SANITY_TEXT!r} to <unk> tokens ({ids}); reload it from the GGUF file")
 
 
-def load_model(name_or_path: str, device: Union[str, torch.device] = "cpu",
-               dtype: torch.dtype = torch.float32) -> Tuple[torch.nn.Module, object]:
-    """A model by local path, or ``smollm2`` for the built-in default."""
-    if name_or_path.lower() in ("smollm2", "smollm2-135m", SMOLLM2_ID.lower()):
-        return load_smollm2(device=device, dtype=dtype)
+SMOLLM2_NAMES = ("smollm2", "smollm2-135m", SMOLLM2_ID.lower())
+
+
+def check_model_source(name_or_path: str, field: str = "model_name", cache_dir: Optional[str] = None) -> str:
+    """Where ``name_or_path`` will load from: ``"smollm2"``, ``"path"`` or ``"hub"``; refused before anything loads.
+
+    A local folder must hold a ``config.json``. A hub id must be well formed; offline
+    (``HF_HUB_OFFLINE=1``) it must be in the local Hugging Face cache.
+    """
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ModelNotAvailableError(f"{field} must be 'smollm2', a local checkpoint folder or a hub id, "
+                                     f"got {name_or_path!r}")
+    if name_or_path.lower() in SMOLLM2_NAMES:
+        return "smollm2"
+    path = Path(name_or_path).expanduser()
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local:
+        if not path.is_dir():
+            raise ModelNotAvailableError(f"{field} {name_or_path!r}: no such folder (a local checkpoint is a folder "
+                                         "written by save_pretrained)")
+        if not (path / "config.json").is_file():
+            raise ModelNotAvailableError(f"{field} {name_or_path!r}: the folder has no config.json, so it is not a "
+                                         "saved checkpoint (expected the files save_pretrained writes)")
+        return "path"
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError as error:
+        raise ModelNotAvailableError(f"{field} {name_or_path!r} is neither a local folder nor a valid hub id "
+                                     f"(owner/name): {error}") from None
+    if constants.HF_HUB_OFFLINE:
+        cached = try_to_load_from_cache(name_or_path, "config.json", cache_dir=cache_dir)
+        if not isinstance(cached, str):
+            where = cache_dir or constants.HF_HUB_CACHE
+            raise ModelNotAvailableError(
+                f"{field} {name_or_path!r} is not in the local Hugging Face cache ({where}) and HF_HUB_OFFLINE=1 "
+                f"forbids downloading it. Check the spelling; on a machine with network run "
+                f"`hf download {name_or_path}` and copy the cache here, or give {field} a local folder")
+    return "hub"
+
+
+def load_model(name_or_path: str, device: Union[str, int, torch.device] = "cpu",
+               dtype: Union[str, torch.dtype] = torch.float32, *, device_map: Optional[str] = None,
+               trust_remote_code: bool = False, cache_dir: Optional[str] = None,
+               field: str = "model_name") -> Tuple[torch.nn.Module, object]:
+    """``(model, tokenizer)`` from ``smollm2`` (the built-in default), a local checkpoint folder or a hub id.
+
+    A hub id loads from the local Hugging Face cache where the hub cannot be reached. The device, the dtype
+    and the source are checked before anything loads; ``device_map`` (e.g. ``"auto"``) spreads the model
+    over the devices with accelerate instead of moving it to ``device``.
+    """
+    dtype = torch_dtype(dtype, "dtype")
+    target = check_device(device, "device") if device_map is None else None
+    source = check_model_source(name_or_path, field, cache_dir)
+    if source == "smollm2":
+        return load_smollm2(device=target if target is not None else "cpu", dtype=dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(name_or_path).expanduser()
-    if not path.exists():
-        raise ModelNotAvailableError(f"model {name_or_path!r} is not a local folder; nothing is downloaded from a hub "
-                                     "at run time: give a path to a saved checkpoint, or 'smollm2'")
-    model = AutoModelForCausalLM.from_pretrained(str(path), **_dtype_kwarg(dtype)).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(str(path))
+    options = {"trust_remote_code": trust_remote_code, "cache_dir": cache_dir, **_dtype_kwarg(dtype)}
+    if device_map is not None:
+        options["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **options)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                                  cache_dir=cache_dir)
+    except (OSError, ValueError, KeyError) as error:
+        hint = (" (its code lives in its repository: set trust_remote_code: true if you trust it)"
+                if "trust_remote_code" in str(error) else "")
+        raise ModelNotAvailableError(f"{field} {name_or_path!r}: cannot load a causal language model and its "
+                                     f"tokenizer{hint}: {type(error).__name__}: {error}") from error
+    if device_map is None:
+        model.to(target)
+    return model.eval(), tokenizer

@@ -28,7 +28,9 @@ from typing import Dict, List, Optional
 from ..evaluation.datasets import FAMILIES, PARSERS, DatasetError
 from ..evaluation.glue import TASKS
 from ..evaluation.scoring import EvalOptions
-from .methods import MethodOptions, available_methods, default_hparams_path, method_uses_hparams
+from ..run_settings import canonical_dtype, check_device
+from .methods import (MethodOptions, available_methods, default_hparams_path, load_method_hparams,
+                      method_uses_hparams)
 from .runner import BenchConfig, BenchmarkError, run_benchmark
 
 logger = logging.getLogger("alphaedit_plugin.bench")
@@ -38,8 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alphaedit-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--methods", nargs="+", default=["AlphaEdit"], help=f"registered: {', '.join(available_methods())}")
-    p.add_argument("--model", default="smollm2", help="'smollm2' or a local checkpoint folder")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2' (the built-in default), a local checkpoint folder or a hub id (offline: from the "
+                        "local Hugging Face cache)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=None,
+                   help="the model's dtype: float32, bfloat16 or float16 (bf16, fp16); sets every method's dtype. "
+                        "Default: the methods' hparams (dtype, or fp16: true), else float32")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers run the model's own code from its folder or hub repository")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's, one per core). Give each of several runs sharing "
                         "the cores its share: oversubscribed threads slowed generation about 7x on 2 cores")
@@ -127,9 +136,16 @@ def hparams_by_method(args) -> Dict[str, str]:
 
 def config_from_args(args, argv: Optional[List[str]] = None) -> BenchConfig:
     hparams = hparams_by_method(args)
+    check_device(args.device, "--device")
+    if args.dtype is not None:
+        canonical_dtype(args.dtype, "--dtype")
     overrides = {k: v for k, v in {"mom2_dataset": args.corpus, "mom2_n_samples": args.samples,
                                    "mom2_max_tokens": args.max_tokens, "stats_dir": args.stats_dir,
-                                   "device": args.device}.items() if v is not None}
+                                   "device": args.device, "dtype": args.dtype}.items() if v is not None}
+    if args.dtype is not None:
+        overrides["fp16"] = canonical_dtype(args.dtype) == "float16"  # --dtype replaces a yaml's fp16 too
+    options = {m: MethodOptions(hparams=hparams.get(m), overrides=overrides if m in hparams else {}, seed=args.seed)
+               for m in args.methods}
     snippets = None
     if args.reference_snippets:
         from ..evaluation.counterfact import load_snippets
@@ -148,10 +164,25 @@ def config_from_args(args, argv: Optional[List[str]] = None) -> BenchConfig:
         command=" ".join(shlex.quote(a) for a in ["alphaedit-bench", *(argv if argv is not None else sys.argv[1:])]),
         generation_at_curve_points=args.generation_every_point,
         host_evaluators=args.host_evaluators,
-        method_options={m: MethodOptions(hparams=hparams.get(m), overrides=overrides if m in hparams else {},
-                                         seed=args.seed)
-                        for m in args.methods},
+        method_options=options, model_dtype=model_dtype(args, options), trust_remote_code=args.trust_remote_code,
     )
+
+
+def model_dtype(args, options: Dict[str, MethodOptions]) -> str:
+    """The dtype the model is loaded in: --dtype, else the one the methods' hparams agree on, else float32."""
+    if args.dtype is not None:
+        return canonical_dtype(args.dtype, "--dtype")
+    wanted = {}
+    for label, option in options.items():
+        if option.hparams is not None and method_uses_hparams(label):
+            hparams = load_method_hparams(label, option.hparams, option.overrides)
+            if hparams.dtype is not None or hparams.fp16:
+                wanted[label] = hparams.model_dtype
+    if len(set(wanted.values())) > 1:
+        listed = ", ".join(f"{label}: {dtype}" for label, dtype in wanted.items())
+        raise ValueError(f"the methods' hparams ask for different model dtypes ({listed}); one model is edited by "
+                         "all of them: pass --dtype")
+    return next(iter(wanted.values()), "float32")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

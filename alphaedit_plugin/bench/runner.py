@@ -45,6 +45,7 @@ import torch
 
 from ..evaluation import EvalOptions, ModelScorer, family_module, load_dataset
 from ..evaluation.datasets import EditCase
+from ..run_settings import canonical_dtype
 from .methods import MethodOptions, available_methods, check_method_options, create_method
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ class BenchConfig:
     eval_every: int = 0  # evaluate after every k-th batch as well (0: only after the last)
     seed: int = 0
     model_name: str = "custom"
+    model_dtype: str = "float32"  # the dtype the model is loaded in (when run_benchmark loads it)
+    trust_remote_code: bool = False
     eval: EvalOptions = field(default_factory=EvalOptions)
     general_tasks: List[str] = field(default_factory=list)  # e.g. ["sst2", "mmlu"]; empty: no general capability
     glue_dir: Optional[str] = None
@@ -194,9 +197,12 @@ class BenchmarkRunner:
         self.out.mkdir(parents=True, exist_ok=True)
         identity = self.config.identity(_sha256(self.dataset.path))
         identity["schema"] = self.dataset.schema
+        identity["model_dtype"] = canonical_dtype(next(self.model.parameters()).dtype, "the model's dtype")
         run_file = self.out / "run.json"
         if run_file.exists():
             saved = read_json(run_file).get("identity")
+            if isinstance(saved, dict) and "model_dtype" not in saved:
+                saved = {**saved, "model_dtype": "float32"}  # runners before --dtype loaded float32 only
             if saved != identity:
                 differing = sorted(k for k in set(saved or {}) | set(identity) if (saved or {}).get(k) != identity.get(k))
                 raise BenchmarkError(f"{self.out} holds a run with other settings ({', '.join(differing)}); "
@@ -457,5 +463,6 @@ def run_benchmark(config: BenchConfig, model=None, tok=None, device: str = "cpu"
         load_dataset(config.dataset, schema=config.schema, family=config.family,
                      skip_bad_records=config.skip_bad_records).take(config.edits)
 
-        model, tok = load_model(config.model_name, device=device)
+        model, tok = load_model(config.model_name, device=device, dtype=config.model_dtype,
+                                trust_remote_code=config.trust_remote_code, field="--model")
     return BenchmarkRunner(config, model, tok).run()

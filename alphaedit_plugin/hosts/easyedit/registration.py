@@ -28,11 +28,10 @@ import inspect
 import logging
 from typing import Any, Callable, Dict, Optional
 
-import torch
-
 from ... import registry
 from ...edit_loop import validate_setup
 from ...hparams import EditHyperParams
+from ...models import load_model
 from . import compat
 from .adapter import apply_easyedit
 
@@ -288,20 +287,11 @@ def model_label(model) -> str:
 
 
 def load_model_and_tokenizer(path: str, hparams: EditHyperParams):
-    """Load a causal LM and its tokenizer from a local path (or a cached hub id), as EasyEdit's loader does:
-    float16 with ``fp16: true`` (else float32), ``device_map="auto"`` with ``model_parallel: true``."""
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    major = int(transformers.__version__.split(".")[0])
-    dtype = torch.float16 if hparams.fp16 else torch.float32
-    dtype_arg = {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
-    device_map = "auto" if hparams.model_parallel else None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, **dtype_arg).eval()
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"hparams.model_name {path!r}: cannot load a causal language model and tokenizer "
-                         f"from it ({type(error).__name__}: {error})") from error
+    """Load a causal LM and its tokenizer by local path or hub id with the plugin's loader, on the CPU (the host
+    moves it to ``hparams.device``): in ``hparams.model_dtype`` (``dtype``, or float16 with EasyEdit's
+    ``fp16: true``), spread with ``device_map="auto"`` under ``model_parallel: true``, as EasyEdit's loader does."""
+    model, tok = load_model(path, device="cpu", dtype=hparams.model_dtype,
+                            device_map="auto" if hparams.model_parallel else None,
+                            trust_remote_code=hparams.trust_remote_code, field="hparams.model_name")
     compat.give_pad_token(tok)
     return model, tok
