@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from .architectures import ModuleTemplates, get_module, num_layers
+from .architectures import ModuleTemplates, get_module, hidden_size, num_layers, output_logits
 from .context_templates import flatten
 from .prefix_cache import PrefixSplit, split_at
 from .requests import EditRequest
@@ -139,6 +139,17 @@ def _rows_in(previous: _Batch, prompts: List[_FactPrompts], facts: List[int]) ->
     return rewrite + [kl_row[f] for f in facts]
 
 
+_FALLBACKS_REPORTED = set()  # (model class, reason) pairs already logged at INFO
+
+
+def _log_fallback(model, error: Exception) -> None:
+    """Say once per model class and reason (at INFO, then at DEBUG) why the prefix is not cached."""
+    key = (type(model).__name__, str(error))
+    log = logger.debug if key in _FALLBACKS_REPORTED else logger.info
+    _FALLBACKS_REPORTED.add(key)
+    log("target search runs every prompt in full (no prefix cache): %s", error)
+
+
 def _build_batch(model, prompts: List[_FactPrompts], facts: List[int], pad: int, device,
                  use_prefix_cache: bool, previous: Optional[_Batch] = None) -> _Batch:
     """Rows of the given facts; positions are in the coordinates of the rows the model will see.
@@ -173,7 +184,7 @@ def _build_batch(model, prompts: List[_FactPrompts], facts: List[int], pad: int,
         try:
             split = split_at(model, sequences, lookups, pad, device)
         except (ValueError, TypeError) as error:
-            logger.debug("target search without a prefix cache: %s", error)
+            _log_fallback(model, error)
     if split is not None:  # every row now starts at its subject token
         gather_positions = [p - lookups[r] for r, p in zip(gather_rows, gather_positions)]
         lookups = [0] * len(lookups)
@@ -249,6 +260,7 @@ class _Readout:
     readout_name: str
     final_norm: torch.nn.Module
     lm_head: torch.nn.Module
+    model: torch.nn.Module  # whose config says how the head's output is scaled (see output_logits)
 
     @classmethod
     def of(cls, model, hparams, templates: ModuleTemplates, layer: int) -> "_Readout":
@@ -258,10 +270,11 @@ class _Readout:
         get_module(model, edit_name)  # fails early, naming the module, if the template matches nothing
         return cls(edit_name=edit_name, readout_name=templates.layer_module_tmp.format(loss_layer),
                    final_norm=get_module(model, templates.ln_f_module),
-                   lm_head=get_module(model, templates.lm_head_module))
+                   lm_head=get_module(model, templates.lm_head_module), model=model)
 
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(self.lm_head(self.final_norm(hidden)).float(), dim=-1)
+        """Log-probabilities as the model's own forward gives them (soft-capping and logit scaling included)."""
+        return torch.log_softmax(output_logits(self.model, self.lm_head(self.final_norm(hidden))).float(), dim=-1)
 
 
 class _DeltaSearch:
@@ -357,7 +370,7 @@ def _search(model, tok, prompts: Sequence[_FactPrompts], hparams, templates: Mod
     device = next(model.parameters()).device
     pad = pad_token_id(tok)
     heads = _Readout.of(model, hparams, templates, layer)
-    search = _DeltaSearch(len(prompts), model.config.hidden_size, device, hparams)
+    search = _DeltaSearch(len(prompts), hidden_size(model), device, hparams)
     step = 0
     with _search_mode(model):
         batch = _build_batch(model, prompts, list(range(len(prompts))), pad, device, use_prefix_cache)
