@@ -21,6 +21,7 @@ KnowEdit's WikiBio passages, otherwise need tens of GB for a batch of 20).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from contextlib import contextmanager
@@ -29,11 +30,13 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from .architectures import ModuleTemplates, get_module, hidden_size, num_layers, output_logits
+from .architectures import (ModuleTemplates, block_output_hidden, get_module, hidden_size, num_layers,
+                            output_logits)
 from .context_templates import flatten
 from .prefix_cache import PrefixSplit, split_at
 from .requests import EditRequest
-from .tracing import capture_outputs, edit_output, encode, pad_right, pad_token_id, stop_after, subject_token_index
+from .tracing import (capture_outputs, edit_output, encode, pad_right, pad_token_id, record_outputs, replay_blocks,
+                      stop_after, subject_token_index)
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +123,9 @@ class _Batch:
     n_rewrite: int
     kl_rows: torch.Tensor
     kl_positions: torch.Tensor
+    # The edited block's output before δ, per row, from the batch's first pass: nothing below δ changes, so
+    # later passes replay it instead of running the blocks below (None until the first pass).
+    below: Optional[torch.Tensor] = None
 
     def forward_inputs(self) -> Dict[str, Any]:
         return self.split.forward_inputs() if self.split is not None else self.inputs
@@ -178,8 +184,9 @@ def _build_batch(model, prompts: List[_FactPrompts], facts: List[int], pad: int,
         lookups.append(prompts[fact].kl_lookup)
         owners.append(fact)
     split = None
+    kept_rows = _rows_in(previous, prompts, facts) if previous is not None else None
     if previous is not None and previous.split is not None:
-        split = previous.split.select(_rows_in(previous, prompts, facts))
+        split = previous.split.select(kept_rows)
     elif use_prefix_cache:
         try:
             split = split_at(model, sequences, lookups, pad, device)
@@ -196,13 +203,17 @@ def _build_batch(model, prompts: List[_FactPrompts], facts: List[int], pad: int,
     def tensor(values):
         return torch.tensor(values, device=device)
 
+    below = None
+    if previous is not None and previous.below is not None:  # causal: a row's states do not depend on the width
+        width = split.suffix_ids.shape[1] if split is not None else inputs["input_ids"].shape[1]
+        below = previous.below[torch.as_tensor(kept_rows, device=previous.below.device), :width]
     return _Batch(
         facts=tensor(facts), inputs=inputs, split=split,
         edit_rows=torch.arange(len(sequences), device=device), edit_positions=tensor(lookups), edit_owner=tensor(owners),
         first_rows=tensor(first_rows), gather_rows=tensor(gather_rows), gather_positions=tensor(gather_positions),
         gather_tokens=tensor(gather_tokens), row_weight=torch.tensor(row_weight, device=device),
         n_rewrite=n_rewrite, kl_rows=torch.arange(n_rewrite, len(sequences), device=device),
-        kl_positions=tensor(lookups[n_rewrite:]),
+        kl_positions=tensor(lookups[n_rewrite:]), below=below,
     )
 
 
@@ -216,6 +227,7 @@ def compute_target_values(
     context_templates: List[List[str]],
     use_prefix_cache: bool = True,
     tokens_per_pass: Optional[int] = None,
+    replay_lower_blocks: bool = True,
 ) -> TargetSearchResult:
     """Search the target hidden states at block ``layer`` for all ``requests`` at once.
 
@@ -225,16 +237,20 @@ def compute_target_values(
     batch (see prefix_cache.py); the result is the same up to float rounding.
     Batches over ``tokens_per_pass`` padded tokens (default ``TOKENS_PER_PASS``)
     are searched chunk by chunk, with the same result up to float rounding.
+    With ``replay_lower_blocks`` the blocks up to ``layer``, which δ does not
+    reach, run in a batch's first pass only; later passes replay their output.
     """
     contexts = flatten(context_templates)
     prompts = [_fact_prompts(tok, r, i, contexts, hparams.fact_token) for i, r in enumerate(requests)]
     budget = TOKENS_PER_PASS if tokens_per_pass is None else tokens_per_pass
     groups = chunk_by_tokens(prompts, budget)
+    options = dict(rows_per_fact=len(contexts), use_prefix_cache=use_prefix_cache,
+                   replay_lower_blocks=replay_lower_blocks)
     if len(groups) == 1:
-        return _search(model, tok, prompts, hparams, templates, layer, len(contexts), use_prefix_cache)
+        return _search(model, tok, prompts, hparams, templates, layer, **options)
     logger.info("target search: %d facts in %d chunks of at most %d padded tokens", len(prompts), len(groups), budget)
-    results = [_search(model, tok, [prompts[i] for i in group], hparams, templates, layer, len(contexts),
-                       use_prefix_cache) for group in groups]
+    results = [_search(model, tok, [prompts[i] for i in group], hparams, templates, layer, **options)
+               for group in groups]
     return _concatenate(results)
 
 
@@ -365,22 +381,32 @@ def _search_mode(model) -> Iterator[None]:
 
 
 def _search(model, tok, prompts: Sequence[_FactPrompts], hparams, templates: ModuleTemplates, layer: int,
-            rows_per_fact: int, use_prefix_cache: bool) -> TargetSearchResult:
+            rows_per_fact: int, use_prefix_cache: bool, replay_lower_blocks: bool) -> TargetSearchResult:
     """Optimise one δ per fact at block ``layer``; converged facts are frozen and leave the batch."""
     device = next(model.parameters()).device
     pad = pad_token_id(tok)
     heads = _Readout.of(model, hparams, templates, layer)
     search = _DeltaSearch(len(prompts), hidden_size(model), device, hparams)
+    lower = [templates.layer_module_tmp.format(i) for i in range(layer + 1)] if replay_lower_blocks else []
+    lower_outputs: Dict[str, Any] = {}  # each lower block's output in the first pass (its format, for the replay)
     step = 0
     with _search_mode(model):
         batch = _build_batch(model, prompts, list(range(len(prompts))), pad, device, use_prefix_cache)
         for step in range(hparams.v_num_grad_steps):
             search.optimizer.zero_grad()
             # Hooks only around the step's own pass: the prefix pass of a rebuilt batch runs without them.
-            with edit_output(model, heads.edit_name, functools.partial(search.add_delta, batch, step == 0)), \
-                    capture_outputs(model, [heads.readout_name]) as outputs, \
-                    stop_after(model, heads.readout_name) as run:
+            with contextlib.ExitStack() as hooks:
+                if lower and batch.below is not None:
+                    hooks.enter_context(replay_blocks(model, lower, lower_outputs, batch.below))
+                elif lower:  # registered first: it sees the edited block's output before δ
+                    lower_outputs = hooks.enter_context(record_outputs(model, lower))
+                hooks.enter_context(edit_output(model, heads.edit_name,
+                                                functools.partial(search.add_delta, batch, step == 0)))
+                outputs = hooks.enter_context(capture_outputs(model, [heads.readout_name]))
+                run = hooks.enter_context(stop_after(model, heads.readout_name))
                 run(**batch.forward_inputs())
+            if lower and batch.below is None:
+                batch.below = block_output_hidden(lower_outputs[lower[-1]]).detach()
             loss = search.loss(batch, outputs[heads.readout_name], heads, rows_per_fact)
             if not torch.isfinite(loss).all():
                 raise FloatingPointError(f"target search produced a non-finite loss at step {step}")

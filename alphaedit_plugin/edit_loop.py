@@ -24,7 +24,7 @@ import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -338,14 +338,17 @@ def _record(requests: Sequence[EditRequest], changes: Mapping[int, torch.Tensor]
 
 def _restore(modules: Mapping[int, torch.nn.Module], originals: Mapping[int, torch.Tensor]) -> None:
     """Put every layer's weight back; an interrupt arriving meanwhile is held until all of them are back."""
-    pending = list(modules)
     held: Optional[BaseException] = None
-    while pending:
-        layer = pending[0]
-        try:
-            with torch.no_grad():
-                modules[layer].weight.copy_(originals[layer])
-            pending.pop(0)
+    pending: Optional[List[int]] = None
+    while pending is None or pending:
+        try:  # every step is inside the try, the loop's own test included: an interrupt anywhere retries
+            if pending is None:
+                pending = list(modules)
+            while pending:
+                layer = pending[0]
+                with torch.no_grad():
+                    modules[layer].weight.copy_(originals[layer])
+                pending.pop(0)
         except BaseException as error:  # KeyboardInterrupt mid-copy: copy that layer again
             held = held or error
     if held is not None:

@@ -183,3 +183,58 @@ def stop_after(model: nn.Module, name: Optional[str]) -> Iterator[Callable]:
     finally:
         if handle is not None:
             handle.remove()
+
+
+_CLASS_FORWARD = object()  # marks a block whose forward is its class's
+
+
+@contextlib.contextmanager
+def replay_blocks(model: nn.Module, names: Sequence[str], outputs: Dict[str, object],
+                  replayed_hidden: torch.Tensor) -> Iterator[None]:
+    """Skip the computation of blocks ``names`` (the bottom of the stack, in order): each returns its input
+    hidden state unchanged, the last returns ``replayed_hidden``, in the output format each returned before
+    (``outputs``, one recorded output per block). Their hooks still run.
+
+    For the target search: δ enters at the last of these blocks, so nothing below it changes from step to
+    step, and its output can be computed once. The blocks' own forward is put back afterwards.
+    """
+    blocks = [get_module(model, name) for name in names]
+    last = len(blocks) - 1
+    own = [block.__dict__.get("forward", _CLASS_FORWARD) for block in blocks]  # accelerate sets its own
+
+    def skipped(index: int, template):
+        def forward(*args, **kwargs):
+            hidden = replayed_hidden if index == last else (args[0] if args else kwargs["hidden_states"])
+            return replace_block_output_hidden(template, hidden)
+        return forward
+
+    try:
+        for index, (name, block) in enumerate(zip(names, blocks)):
+            block.forward = skipped(index, outputs[name])
+        yield
+    finally:
+        for block, forward in zip(blocks, own):
+            if forward is _CLASS_FORWARD:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = forward
+
+
+@contextlib.contextmanager
+def record_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[Dict[str, object]]:
+    """Record the whole output (tensor or tuple) of each named module during forward passes."""
+    recorded: Dict[str, object] = {}
+    handles = []
+
+    def make_hook(name):
+        def hook(module, args, output):
+            recorded[name] = output
+        return hook
+
+    try:
+        for name in names:
+            handles.append(get_module(model, name).register_forward_hook(make_hook(name)))
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()
