@@ -14,6 +14,7 @@ A *scorer* has three methods:
 
 from __future__ import annotations
 
+import functools
 from typing import List, Sequence, Tuple
 
 import torch
@@ -36,6 +37,41 @@ def answer_sequences(tok, pairs: Sequence[Tuple[str, str]]) -> Tuple[List[List[i
     return sequences, spans
 
 
+def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+              positions: torch.Tensor) -> torch.Tensor:
+    """The model's logits at the given (row, position) pairs only, as ``(pairs, vocabulary)``.
+
+    The output head is applied to the hidden states of those positions alone (a pre-hook hands it just
+    them), so whatever the model's forward does after its head (soft-capping, logit scaling) still applies;
+    the full-vocabulary logits of every other position are never formed. A model whose forward does not
+    return them in that shape is scored in full instead.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, torch.nn.Module) and not isinstance(head, torch.nn.Embedding):
+        def gather(module, args):
+            return (args[0][rows, positions],) + tuple(args[1:])
+
+        handle = head.register_forward_pre_hook(gather)
+        try:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        finally:
+            handle.remove()
+        if logits.shape[:-1] == (len(rows),):
+            return logits
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[rows, positions]
+
+
+def _answer_positions(spans, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows, positions that predict each answer token, and those tokens, for a chunk of ``spans``."""
+    rows, positions, tokens = [], [], []
+    for row, (offset, answer_ids) in enumerate(spans):
+        rows += [row] * len(answer_ids)
+        positions += range(offset - 1, offset - 1 + len(answer_ids))
+        tokens += answer_ids
+    as_tensor = functools.partial(torch.tensor, dtype=torch.long, device=device)
+    return as_tensor(rows), as_tensor(positions), as_tensor(tokens)
+
+
 @torch.no_grad()
 def answer_nll(model, tok, pairs: Sequence[Tuple[str, str]]) -> List[float]:
     """Mean per-token negative log-likelihood of each answer (leading space added) after its prompt."""
@@ -45,13 +81,14 @@ def answer_nll(model, tok, pairs: Sequence[Tuple[str, str]]) -> List[float]:
     starts = range(0, len(sequences), PAIRS_PER_FORWARD)
     for start in tqdm(starts, desc=f"scoring {len(pairs)} answers", unit="batch", disable=len(starts) < 8,
                       leave=False):
-        chunk = sequences[start:start + PAIRS_PER_FORWARD]
+        chunk, chunk_spans = sequences[start:start + PAIRS_PER_FORWARD], spans[start:start + PAIRS_PER_FORWARD]
         input_ids, mask = pad_right(chunk, pad_token_id(tok), device)
-        log_probs = model(input_ids=input_ids, attention_mask=mask).logits.float().log_softmax(-1)
-        for row, (offset, answer_ids) in enumerate(spans[start:start + PAIRS_PER_FORWARD]):
-            positions = torch.arange(offset - 1, offset - 1 + len(answer_ids), device=device)
-            picked = log_probs[row, positions, torch.tensor(answer_ids, device=device)]
-            result.append(float(-picked.mean()))
+        rows, positions, tokens = _answer_positions(chunk_spans, device)
+        log_probs = logits_at(model, input_ids, mask, rows, positions).float().log_softmax(-1)
+        picked = log_probs.gather(1, tokens[:, None]).squeeze(1)
+        totals = torch.zeros(len(chunk), device=device).index_add(0, rows, picked)
+        counts = torch.tensor([len(answer) for _, answer in chunk_spans], device=device)
+        result += (-(totals / counts)).tolist()
     return result
 
 
@@ -86,10 +123,12 @@ class ModelScorer:
         result = []
         for start in range(0, len(sequences), PAIRS_PER_FORWARD):
             chunk = sequences[start:start + PAIRS_PER_FORWARD]
+            chunk_spans = spans[start:start + PAIRS_PER_FORWARD]
             input_ids, mask = pad_right(chunk, pad_token_id(self.tok), self.device)
-            top = self.model(input_ids=input_ids, attention_mask=mask).logits.argmax(-1).cpu()
-            for row, (offset, answer_ids) in enumerate(spans[start:start + PAIRS_PER_FORWARD]):
-                predicted = top[row, offset - 1:offset - 1 + len(answer_ids)].tolist()
+            rows, positions, _ = _answer_positions(chunk_spans, self.device)
+            top = logits_at(self.model, input_ids, mask, rows, positions).argmax(-1).tolist()
+            for _, answer_ids in chunk_spans:
+                predicted, top = top[:len(answer_ids)], top[len(answer_ids):]
                 result.append((predicted, list(answer_ids)))
         return result
 
