@@ -327,7 +327,8 @@ class BenchmarkRunner:
             method.save_state(staging)
             shutil.rmtree(folder / state_dir, ignore_errors=True)
             os.replace(staging, folder / state_dir)
-            progress.update(batches_done=batches_done, state_dir=state_dir, status="running")
+            progress.update(batches_done=batches_done, state_dir=state_dir, status="running",
+                            peak_memory_mb=larger_peaks(progress.get("peak_memory_mb"), peak_memory_mb(self.model)))
             tmp = checkpoint_file.with_name("checkpoint.pt.tmp")
             torch.save({"weights": {n: params[n].detach().cpu() for n in names}, "progress": json.dumps(progress)}, tmp)
             os.replace(tmp, checkpoint_file)
@@ -374,6 +375,8 @@ class BenchmarkRunner:
                 "final": final, "general": self._general(),
                 "seconds_per_edit": progress["edit_seconds"] / len(self.cases) if progress["edit_seconds"] else 0.0,
                 "prepare_seconds": progress.get("prepare_seconds"), "settings": method.describe(),
+                # the largest over the processes that ran its batches (a resumed run spans several)
+                "peak_memory_mb": larger_peaks(progress.get("peak_memory_mb"), peak_memory_mb(self.model)),
             }
             if cfg.host_evaluators:
                 result["final_host"] = self._host_figures(reference["host_reference"])
@@ -419,7 +422,10 @@ class BenchmarkRunner:
         }
         for name in self.config.methods:
             results["methods"][name] = self._run_method(name, reference)
-        results["peak_memory_mb"] = peak_memory_mb(self.model)
+        peaks = peak_memory_mb(self.model)
+        for result in results["methods"].values():
+            peaks = larger_peaks(peaks, result.get("peak_memory_mb"))
+        results["peak_memory_mb"] = peaks  # the whole run's, over every process that worked on it
         from .report import write_reports
 
         write_reports(results, self.out, reference=reference, plots=self.config.plots)
@@ -445,6 +451,13 @@ def peak_memory_mb(model) -> Dict[str, float]:
     if device.type == "cuda":
         peak["cuda_allocated"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
     return peak
+
+
+def larger_peaks(first: Optional[Dict[str, float]], second: Optional[Dict[str, float]]) -> Dict[str, float]:
+    """Per figure, the larger of two peak-memory records (either may be missing)."""
+    first, second = first or {}, second or {}
+    return {key: max(v for v in (first.get(key), second.get(key)) if v is not None)
+            for key in sorted(set(first) | set(second))}
 
 
 def _headline(metrics: Dict[str, Any], family) -> str:
