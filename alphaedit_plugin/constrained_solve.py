@@ -6,13 +6,25 @@ Pure functions. In the (out, in) orientation of the weight W:
 
 with R = V1 − W K1 the residual of the new facts (d_out × n), K1 their keys
 (d_in × n), Kp Kpᵀ the running sum over earlier edits' keys and P the
-null-space projector. It is computed as the transpose of
+null-space projector. It is computed as the transpose of X, the solution of
 
-    X = (P (Kp Kpᵀ + K1 K1ᵀ) + λ I)⁻¹ P K1 Rᵀ
+    (P A + λ I) X = P K1 Rᵀ,    A = Kp Kpᵀ + K1 K1ᵀ,
 
 by a linear solve in float64 (no explicit inverse). Because
 (P A + λ I)⁻¹ P = P (A P + λ I)⁻¹, X = P Y for some Y: the update's rows lie
 in the null space, so Δ K0 = Yᵀ P K0 ≈ 0.
+
+With P kept factored (:mod:`.null_space_projector`) the same X solves the
+symmetric system (P A P + λ I) X = P K1 Rᵀ: from the first equation
+λX = P(K1Rᵀ − A X) lies in the null space, so X = P X and P A P X = P A X.
+That form applies P from its factors and never forms a d × d P. The dense
+form keeps the paper's system, computed with the same floating-point
+operations as earlier versions, so that their results stay bit for bit.
+
+Memory for d inputs: the float64 matrix A (8·d² bytes, built in place; a
+float32 Kp Kpᵀ is widened as it is added, without a float64 copy), the
+solve's LU copy of it, and d × d_out right-hand sides; all on the keys'
+device (the edited layer's) and freed on return.
 """
 
 from __future__ import annotations
@@ -21,6 +33,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from .null_space_projector import (FactoredProjector, ProjectorTensor, project_both_sides, project_columns,
+                                   project_rows as project_rows_of)
 
 
 @dataclass(frozen=True)
@@ -59,39 +74,51 @@ def with_projection(terms: SolveTerms, ridge: float, keep_mom2_prior: bool = Fal
 def constrained_update(
     keys: torch.Tensor,
     residuals: torch.Tensor,
-    projector: Optional[torch.Tensor],
+    projector: Optional[ProjectorTensor],
     extra_gram: Optional[torch.Tensor],
     l2: float,
 ) -> torch.Tensor:
     """Return Δ of shape (d_out, d_in).
 
-    keys: (d_in, n); residuals: (d_out, n); projector: (d_in, d_in) or None
-    (no projection: P = I); extra_gram: what is added to K1 K1ᵀ, (d_in, d_in)
-    or None: Kp Kpᵀ for AlphaEdit, λ·C0 for MEMIT, both for MEMIT+P+λC0.
+    keys: (d_in, n); residuals: (d_out, n); projector: P, dense (d_in, d_in) or factored, or None (no
+    projection: P = I); extra_gram: what is added to K1 K1ᵀ, (d_in, d_in) or None: Kp Kpᵀ for AlphaEdit,
+    λ·C0 for MEMIT, both for MEMIT+P+λC0. Everything is moved to the keys' device.
     """
     if keys.ndim != 2 or residuals.ndim != 2 or keys.shape[1] != residuals.shape[1]:
         raise ValueError(f"keys (d_in, n) and residuals (d_out, n) must share n; got {tuple(keys.shape)} and "
                          f"{tuple(residuals.shape)}")
-    d_in = keys.shape[0]
     k = keys.to(torch.float64)
-    r = residuals.to(device=k.device, dtype=torch.float64)
     gram = k @ k.T
     if extra_gram is not None:
-        gram = gram + extra_gram.to(device=k.device, dtype=torch.float64)
-    identity = torch.eye(d_in, dtype=torch.float64, device=k.device)
+        gram.add_(extra_gram.to(k.device))  # a float32 term is widened exactly, without a float64 copy
+    return _solve_owned(gram, k, residuals, projector, l2)
+
+
+def _solve_owned(gram: torch.Tensor, k: torch.Tensor, residuals: torch.Tensor,
+                 projector: Optional[ProjectorTensor], l2: float) -> torch.Tensor:
+    """The solve on ``gram`` = A (float64, on k's device), which it may overwrite.
+
+    A dense P takes the paper's form (P A + λ I) X = P K1 Rᵀ, computed exactly as earlier versions did (the
+    same floating-point operations, so that results stay bit for bit); a factored P the symmetric form
+    (P A P + λ I) X = P K1 Rᵀ, the same X (module docstring), without a d × d P.
+    """
+    r = residuals.to(device=k.device, dtype=torch.float64)
     if projector is None:
-        lhs = gram + l2 * identity
-        rhs = k @ r.T
+        lhs, rhs = gram, k @ r.T
+    elif isinstance(projector, FactoredProjector):
+        lhs, rhs = project_both_sides(gram, projector), project_columns(projector, k @ r.T)
     else:
         p = projector.to(device=k.device, dtype=torch.float64)
-        lhs = p @ gram + l2 * identity
-        rhs = p @ k @ r.T
+        lhs, rhs = p @ gram, p @ k @ r.T
+    del gram
+    lhs.diagonal().add_(l2)
     solution = torch.linalg.solve(lhs, rhs)  # (d_in, d_out)
+    del lhs
     return solution.T.to(torch.float32)
 
 
 def solve_with_terms(keys: torch.Tensor, residuals: torch.Tensor, terms: SolveTerms,
-                     projector: Optional[torch.Tensor] = None, earlier_keys_kkt_sum: Optional[torch.Tensor] = None,
+                     projector: Optional[ProjectorTensor] = None, earlier_keys_kkt_sum: Optional[torch.Tensor] = None,
                      second_moment: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Δ = R K1ᵀ P ((λ C0 + Kp Kpᵀ + K1 K1ᵀ) P + ridge·I)⁻¹ with the terms ``terms`` has.
 
@@ -104,22 +131,23 @@ def solve_with_terms(keys: torch.Tensor, residuals: torch.Tensor, terms: SolveTe
     missing = [name for name, need in needed.items() if need and given[name] is None]
     if missing:
         raise ValueError(f"the solve {terms} needs {missing}")
+    k = keys.to(torch.float64)
     extra = None
-    if terms.earlier_keys:
-        extra = earlier_keys_kkt_sum.to(torch.float64)
     if terms.mom2_prior_weight is not None:
-        prior = (terms.mom2_prior_weight * second_moment).to(torch.float64)
-        extra = prior if extra is None else extra + prior.to(extra.device)
-    return constrained_update(keys=keys, residuals=residuals, projector=projector if terms.projection else None,
-                              extra_gram=extra, l2=terms.ridge)
+        extra = terms.mom2_prior_weight * second_moment.to(device=k.device, dtype=torch.float64)
+    if terms.earlier_keys:
+        kkt = earlier_keys_kkt_sum.to(k.device)
+        extra = kkt if extra is None else extra.add_(kkt)  # float32 widened exactly, no float64 copy
+    return constrained_update(keys, residuals, projector if terms.projection else None, extra, terms.ridge)
 
 
-def project_rows(delta: torch.Tensor, projector: torch.Tensor) -> torch.Tensor:
-    """Δ P: the rows of an (out, in) update projected onto the null space (in float64, returned in Δ's dtype)."""
-    if projector.ndim != 2 or projector.shape[0] != projector.shape[1] or projector.shape[0] != delta.shape[-1]:
+def project_rows(delta: torch.Tensor, projector: ProjectorTensor) -> torch.Tensor:
+    """Δ P: the rows of an (out, in) update projected onto the null space (in float64, returned in Δ's dtype);
+    P dense or factored."""
+    if len(projector.shape) != 2 or projector.shape[0] != projector.shape[1] or projector.shape[0] != delta.shape[-1]:
         raise ValueError(f"projector of shape {tuple(projector.shape)} does not fit an update with "
                          f"{delta.shape[-1]} inputs")
-    return (delta.to(torch.float64) @ projector.to(device=delta.device, dtype=torch.float64)).to(delta.dtype)
+    return project_rows_of(delta.to(torch.float64), projector).to(delta.dtype)
 
 
 def preservation_ratio(delta: torch.Tensor, weight: torch.Tensor, keys: torch.Tensor) -> float:

@@ -43,6 +43,7 @@ from .layer_spreading import spread_residual
 from .methods.base import EditMethod
 from .projector_file import file_identity, load_projector_file
 from .requests import EditRequest, RequestError, normalise_requests
+from .run_settings import check_weights_in_memory
 from .state import EditingState, EditRecord
 from .tracing import encode
 
@@ -63,6 +64,7 @@ class LayerUpdates:
 # ---------------------------------------------------------------------------
 def validate_setup(model, hparams) -> ModuleTemplates:
     """Check layers and module templates against the model before anything runs; returns the templates."""
+    check_weights_in_memory(model)
     templates = templates_for(model, hparams)
     total = num_layers(model)
     bad = [layer for layer in hparams.layers if layer >= total]
@@ -139,6 +141,13 @@ def state_identity(model, hparams, templates: ModuleTemplates, method: Optional[
     }
 
 
+def state_device(model, hparams) -> torch.device:
+    """Where an editing state's per-layer matrices live between edits: the CPU with ``offload_editing_state``,
+    else the device of the model's first parameter. Each layer's solve copies what it needs to the layer's
+    own device (constrained_solve.py), so a model spread over devices edits either way."""
+    return torch.device("cpu") if hparams.offload_editing_state else next(model.parameters()).device
+
+
 def edited_modules(model, hparams, templates: ModuleTemplates) -> Dict[int, torch.nn.Module]:
     return {layer: get_module(model, templates.rewrite_module_tmp.format(layer)) for layer in hparams.layers}
 
@@ -186,10 +195,9 @@ def _create_state(model, tok, hparams, method: EditMethod, templates: ModuleTemp
                                                    hparams.context_template_length, hparams.seed)
     weights = {layer: weight_as_out_in(module).detach() for layer, module in modules.items()}
     reference_tensors, running_sums = method.initial_tensors(weights)
-    device = next(model.parameters()).device
     return EditingState(identity=state_identity(model, hparams, templates, method), null_spaces=null_spaces,
                         context_templates=context_templates, second_moments=second_moments,
-                        reference_tensors=reference_tensors, running_sums=running_sums).to(device)
+                        reference_tensors=reference_tensors, running_sums=running_sums).to(state_device(model, hparams))
 
 
 # ---------------------------------------------------------------------------

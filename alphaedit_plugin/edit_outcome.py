@@ -20,6 +20,8 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
+from .null_space_projector import ProjectorTensor, project_columns
+
 from .evaluation.scoring import answer_nll
 from .requests import EditRequest
 
@@ -59,13 +61,13 @@ def why_not_taken(searched: float, edits_so_far: int, ranks: Mapping[int, int], 
     return "; ".join(reasons) or "not known (the written update falls short of the searched target)"
 
 
-def key_energies(keys: Mapping[int, torch.Tensor], projectors: Mapping[int, Optional[torch.Tensor]],
+def key_energies(keys: Mapping[int, torch.Tensor], projectors: Mapping[int, Optional[ProjectorTensor]],
                  index: int) -> Dict[int, float]:
     """‖P k‖² per layer of request ``index``'s key (P = I where a layer has no projector)."""
     result = {}
     for layer, layer_keys in keys.items():
         key = layer_keys[index].double()
         projector = projectors.get(layer)
-        projected = projector.to(key).matmul(key) if projector is not None else key
+        projected = project_columns(projector, key) if projector is not None else key
         result[layer] = float(projected.dot(projected))
     return result

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, List, Optional, Tuple, Union
 
 import yaml
 
+from .null_space_projector import FORMS as PROJECTOR_FORMS
 from .run_settings import model_dtype_name
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,17 @@ class EditHyperParams:
     trust_remote_code: bool = _help(
         "Passed to transformers when the plugin loads the model by path or hub id (models whose code lives "
         "in their repository).", default=False)
+    projector_form: str = _help(
+        "How P is kept: dense (the d x d matrix, as EasyEdit keeps it), factored (the smaller of its two "
+        "factors, d x min(r, d - r), applied without a d x d matrix) or auto (factored from 4096 inputs on). "
+        "The edit is the same either way.", default="auto")
+    offload_editing_state: bool = _help(
+        "Keep the editing state's per-layer matrices (P, the earlier edits' Kp Kpᵀ, C0, PRUNE's tensors) in CPU "
+        "memory between edits; each layer's are copied to its weight's device for its solve and freed after.",
+        default=False)
+    statistics_memory_gb: float = _help(
+        "Device memory for the statistics' running sums (float32, d x d per layer): layers whose sums do not "
+        "fit in it together are collected in separate passes over the corpus.", default=3.0)
     seed: int = _help("Seed for context-template sampling and self-corpus generation.", default=0)
     # Fields EasyEdit reads off MEMIT-style hparams; kept so its code paths find them.
     mom2_adjustment: bool = _help("Unused (EasyEdit's MEMIT-style yaml files carry it).", default=True)
@@ -163,6 +175,9 @@ class EditHyperParams:
         _require(self, "mom2_update_weight", float, lambda v: v >= 0, "a number >= 0")
         _require(self, "seed", int, lambda v: True, "an integer")
         _require(self, "max_length", int, lambda v: v >= 1, "an integer >= 1")
+        _require(self, "statistics_memory_gb", float, lambda v: v > 0, "a number of gigabytes > 0")
+        if self.projector_form not in PROJECTOR_FORMS:
+            raise ValueError(f"projector_form must be one of {PROJECTOR_FORMS}, got {self.projector_form!r}")
         if self.stats_dir is not None and not isinstance(self.stats_dir, (str, os.PathLike)):
             raise ValueError(f"stats_dir must be a folder path (or left out), got {self.stats_dir!r}")
         device = self.device
@@ -172,7 +187,7 @@ class EditHyperParams:
             raise ValueError(f"mom2_dataset must be a non-empty string (a path, 'self' or a hub name), got {self.mom2_dataset!r}")
         if self.P_loc is not None and (not isinstance(self.P_loc, str) or not self.P_loc):
             raise ValueError(f"P_loc must be the path of a projector file (or left out), got {self.P_loc!r}")
-        for name in ("model_parallel", "fp16", "trust_remote_code"):
+        for name in ("model_parallel", "fp16", "trust_remote_code", "offload_editing_state"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         model_dtype_name(self.dtype, self.fp16)  # a name torch has, and no contradiction with fp16
@@ -233,7 +248,8 @@ class EditHyperParams:
 
     RUNTIME_FIELDS: ClassVar[Tuple[str, ...]] = (
         "alg_name", "model_name", "device", "stats_dir", "batch_size", "max_length", "model_parallel", "fp16",
-        "dtype", "trust_remote_code", "mom2_adjustment", "mom2_update_weight")
+        "dtype", "trust_remote_code", "projector_form", "offload_editing_state", "statistics_memory_gb",
+        "mom2_adjustment", "mom2_update_weight")
     # Fields EasyEdit's yaml files carry that this method accepts and does not use (logged once at INFO).
     UNUSED_FIELDS: ClassVar[Tuple[str, ...]] = ("mom2_adjustment", "layer_selection")
 

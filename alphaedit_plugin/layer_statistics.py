@@ -8,9 +8,11 @@ One step, read top to bottom in :func:`load_or_compute_null_spaces`:
    per text, the dtype (:func:`statistics_keys`);
 2. a projector cached under that key plus the threshold is used as it is;
 3. for the other layers the second moment K0K0ᵀ/N is read from the cache,
-   and whatever is missing is computed in one pass over the corpus for all
-   those layers together (:func:`load_or_compute_second_moments`);
-4. P is computed from each moment (:mod:`.null_space_projector`) and cached.
+   and whatever is missing is computed in as few passes over the corpus as
+   ``statistics_memory_gb`` allows (:func:`load_or_compute_second_moments`);
+4. P is computed from each moment as soon as it is there, one layer at a
+   time, in the form ``projector_form`` asks for (:mod:`.null_space_projector`),
+   and cached.
 
 Every cached file stores its key and is refused if the key differs (:mod:`.cache`).
 """
@@ -22,15 +24,16 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from . import cache
-from .architectures import ModuleTemplates
+from .architectures import ModuleTemplates, get_module, weight_as_out_in
 from .corpus import corpus_identity, corpus_token_sequences
-from .null_space_projector import null_space_projector
-from .second_moment import TOKENS_PER_BATCH, SecondMoment, collect_second_moments
+from .null_space_projector import (ProjectorTensor, null_space_projector, projector_file_entry, projector_form,
+                                   projector_from_file_entry)
+from .second_moment import TOKENS_PER_BATCH, SecondMoment, collect_second_moments, layer_groups
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ FORMAT_VERSION = 1
 
 @dataclass
 class LayerNullSpace:
-    projector: torch.Tensor  # (d_in, d_in) float32
+    projector: ProjectorTensor  # (d_in, d_in) float32, or its factored form (null_space_projector.py)
     rank: int
     heldout_keys: Optional[torch.Tensor]  # (m, d_in) float32, for the preservation figure
     token_count: int
@@ -131,8 +134,10 @@ def statistics_keys(model, hparams, templates: ModuleTemplates) -> Dict[int, dic
     } for layer in hparams.layers}
 
 
-def projector_key(statistics_key: dict, threshold: float) -> dict:
-    return {**statistics_key, "kind": "projector", "threshold": threshold}
+def projector_key(statistics_key: dict, threshold: float, form: str = "dense") -> dict:
+    """The key of a cached projector; the dense form's key is the one earlier versions wrote."""
+    return {**statistics_key, "kind": "projector", "threshold": threshold,
+            **({"form": form} if form != "dense" else {})}
 
 
 def _file_stem(key: dict) -> str:
@@ -143,9 +148,10 @@ def statistics_path(root: Path, key: dict) -> Path:
     return root / "stats" / cache.slug(key["model"]) / f"{_file_stem(key)}__{cache.digest(key)}.pt"
 
 
-def projector_path(root: Path, key: dict, threshold: float) -> Path:
+def projector_path(root: Path, key: dict, threshold: float, form: str = "dense") -> Path:
+    suffix = "" if form == "dense" else f"__{form}"
     return (root / "stats" / cache.slug(key["model"]) / "projectors" /
-            f"{_file_stem(key)}__thr{threshold:g}__{cache.digest(projector_key(key, threshold))}.pt")
+            f"{_file_stem(key)}__thr{threshold:g}{suffix}__{cache.digest(projector_key(key, threshold, form))}.pt")
 
 
 # ---------------------------------------------------------------------------
@@ -154,59 +160,88 @@ def load_or_compute_null_spaces(model, tok, hparams, templates: ModuleTemplates)
     root = cache.cache_root(hparams.stats_dir)
     threshold = hparams.nullspace_threshold
     keys = statistics_keys(model, hparams, templates)
+    weights = {layer: weight_as_out_in(get_module(model, key["module"])) for layer, key in keys.items()}
+    forms = {layer: projector_form(weight.shape[1], hparams.projector_form) for layer, weight in weights.items()}
     result: Dict[int, LayerNullSpace] = {}
     for layer, key in keys.items():
-        path = projector_path(root, key, threshold)
-        stored = cache.load_keyed(path, projector_key(key, threshold))
+        path = projector_path(root, key, threshold, forms[layer])
+        stored = cache.load_keyed(path, projector_key(key, threshold, forms[layer]))
         if stored is not None:
-            logger.info("layer %d: using cached projector (null-space rank %d of %d) from %s", layer,
-                        stored["rank"], stored["projector"].shape[0], path)
-            result[layer] = LayerNullSpace(stored["projector"], int(stored["rank"]), stored["heldout_keys"],
+            projector = projector_from_file_entry(stored["projector"])
+            logger.info("layer %d: using cached projector (null-space rank %d of %d, %s) from %s", layer,
+                        stored["rank"], projector.shape[0], forms[layer], path)
+            result[layer] = LayerNullSpace(projector, int(stored["rank"]), stored["heldout_keys"],
                                            int(stored["token_count"]))
     to_compute = {layer: key for layer, key in keys.items() if layer not in result}
     if to_compute:
-        moments = load_or_compute_second_moments(model, tok, hparams, templates, to_compute, root)
-        started = time.perf_counter()
-        for layer, stored in moments.items():
-            result[layer] = _projector_from(stored, layer, threshold, root, keys[layer])
-        logger.info("projectors for layers %s computed in %.1f s", sorted(moments), time.perf_counter() - started)
+        seconds = {}
+
+        def projector_of(layer: int, stored: dict) -> LayerNullSpace:
+            started = time.perf_counter()
+            space = _projector_from(stored, layer, threshold, root, keys[layer], forms[layer], weights[layer].device)
+            seconds[layer] = round(time.perf_counter() - started, 2)
+            return space  # the moment itself is dropped here: one layer's moment in memory at a time
+
+        result.update(load_or_compute_second_moments(model, tok, hparams, templates, to_compute, root,
+                                                     then=projector_of))
+        logger.info("projectors computed in %s s per layer", seconds)
     return {layer: result[layer] for layer in hparams.layers}
 
 
-def _projector_from(stored: dict, layer: int, threshold: float, root: Path, key: dict) -> LayerNullSpace:
-    projector = null_space_projector(stored["moment"], threshold, name=f"layer {layer}")
-    d_in = projector.matrix.shape[0]
+def eigh_device(layer_device: torch.device, d_in: int) -> torch.device:
+    """Where a layer's eigendecomposition runs: on its weight's GPU where that has room for the float64 moment,
+    its eigenvectors and the workspace (about 4·8·d² bytes), else on the CPU."""
+    if layer_device.type != "cuda":
+        return torch.device("cpu")
+    free, _ = torch.cuda.mem_get_info(layer_device)
+    return layer_device if free > 4 * 8 * d_in * d_in else torch.device("cpu")
+
+
+def _projector_from(stored: dict, layer: int, threshold: float, root: Path, key: dict, form: str,
+                    layer_device: torch.device) -> LayerNullSpace:
+    d_in = stored["moment"].shape[0]
+    moment = stored["moment"].to(eigh_device(layer_device, d_in))
+    projector = null_space_projector(moment, threshold, name=f"layer {layer}", form=form)
+    del moment
     logger.info("layer %d: null-space rank %d of %d (threshold %g, %d tokens)", layer, projector.rank, d_in,
                 threshold, stored["count"])
     if projector.rank == d_in:
         logger.warning("layer %d: every direction counts as null (threshold %g above all eigenvalues): the "
                        "projection constrains nothing; lower nullspace_threshold", layer, threshold)
-    payload = {"projector": projector.matrix.float(), "rank": projector.rank, "heldout_keys": stored["heldout_keys"],
-               "token_count": int(stored["count"]), "eigenvalues": projector.eigenvalues}
-    cache.save_keyed(projector_path(root, key, threshold), projector_key(key, threshold), payload)
-    return LayerNullSpace(payload["projector"], projector.rank, stored["heldout_keys"], int(stored["count"]))
+    kept = projector.stored.float().cpu()
+    payload = {"projector": projector_file_entry(kept), "rank": projector.rank,
+               "heldout_keys": stored["heldout_keys"], "token_count": int(stored["count"]),
+               "eigenvalues": projector.eigenvalues}
+    cache.save_keyed(projector_path(root, key, threshold, form), projector_key(key, threshold, form), payload)
+    return LayerNullSpace(kept, projector.rank, stored["heldout_keys"], int(stored["count"]))
 
 
 def load_or_compute_second_moments(model, tok, hparams, templates: ModuleTemplates,
                                    keys: Optional[Dict[int, dict]] = None,
-                                   root: Optional[Path] = None) -> Dict[int, dict]:
-    """``{layer: {"moment", "count", "heldout_keys"}}`` for ``keys`` (default: every edited layer).
+                                   root: Optional[Path] = None,
+                                   then: Optional[Callable[[int, dict], Any]] = None) -> Dict[int, Any]:
+    """``{layer: {"moment", "count", "heldout_keys"}}`` for ``keys`` (default: every edited layer), or, with
+    ``then``, ``{layer: then(layer, that dict)}``, called as each layer's moment is read or computed so that
+    only one is held at a time.
 
-    Cached files are used; the layers without one are computed together, in one pass over the corpus.
+    Cached files are used; the layers without one are computed together, in as few passes over the corpus as
+    ``statistics_memory_gb`` allows (:func:`.second_moment.layer_groups`).
     """
     root = root if root is not None else cache.cache_root(hparams.stats_dir)
     keys = keys if keys is not None else statistics_keys(model, hparams, templates)
-    moments: Dict[int, dict] = {}
+    then = then or (lambda layer, stored: stored)
+    moments: Dict[int, Any] = {}
     for layer, key in keys.items():
         stored = cache.load_keyed(statistics_path(root, key), key)
         if stored is not None:
             logger.info("layer %d: using cached statistics (%d tokens) from %s", layer, stored["count"],
                         statistics_path(root, key))
-            moments[layer] = stored
+            moments[layer] = then(layer, stored)
+            del stored
     missing = {layer: key for layer, key in keys.items() if layer not in moments}
     if missing:
         started = time.perf_counter()
-        moments.update(_compute_second_moments(model, tok, hparams, templates, missing, root))
+        moments.update(_compute_second_moments(model, tok, hparams, templates, missing, root, then))
         logger.info("statistics for layers %s computed in %.1f s", sorted(missing), time.perf_counter() - started)
     return {layer: moments[layer] for layer in keys}
 
@@ -217,26 +252,40 @@ def load_second_moments(model, tok, hparams, templates: ModuleTemplates) -> Dict
     return {layer: value["moment"].to(torch.float64) for layer, value in stored.items()}
 
 
-def _compute_second_moments(model, tok, hparams, templates, keys: Dict[int, dict], root: Path) -> Dict[int, dict]:
+def _compute_second_moments(model, tok, hparams, templates, keys: Dict[int, dict], root: Path,
+                            then: Callable[[int, dict], Any]) -> Dict[int, Any]:
     sequences = corpus_token_sequences(hparams.mom2_dataset, model, tok, hparams.mom2_n_samples,
                                        hparams.mom2_max_tokens, hparams.seed)
-    partial_key = {"kind": "partial_second_moment", "layers": {str(l): k for l, k in keys.items()},
-                   "tokens_per_batch": TOKENS_PER_BATCH}
-    any_key = next(iter(keys.values()))
-    partial_path = root / "stats" / cache.slug(any_key["model"]) / f"partial__{cache.digest(partial_key)}.pt"
-    moments: Dict[int, SecondMoment] = collect_second_moments(
-        model, tok, sequences,
-        module_names={layer: key["module"] for layer, key in keys.items()},
-        stop_module=templates.layer_module_tmp.format(max(keys)),
-        heldout_every=heldout_every(hparams),
-        dtype=getattr(torch, hparams.mom2_dtype),
-        checkpoint_path=partial_path,
-        checkpoint_key=partial_key,
-        tokens_per_batch=TOKENS_PER_BATCH,
-    )
+    dtype = getattr(torch, hparams.mom2_dtype)
+    widths = {layer: weight_as_out_in(get_module(model, key["module"])).shape[1] for layer, key in keys.items()}
+    groups = layer_groups(widths, dtype, hparams.statistics_memory_gb * 2 ** 30)
+    if len(groups) > 1:
+        logger.info("statistics in %d passes over the corpus (layers %s): their %s sums do not fit "
+                    "statistics_memory_gb = %g together", len(groups), groups, hparams.mom2_dtype,
+                    hparams.statistics_memory_gb)
     stats = {}
-    for layer, moment in moments.items():
-        stored = {"moment": moment.moment, "count": moment.count, "heldout_keys": moment.heldout_keys}
-        cache.save_keyed(statistics_path(root, keys[layer]), keys[layer], stored)
-        stats[layer] = stored
+    for number, group in enumerate(groups, 1):
+        group_keys = {layer: keys[layer] for layer in group}
+        partial_key = {"kind": "partial_second_moment", "layers": {str(l): k for l, k in group_keys.items()},
+                       "tokens_per_batch": TOKENS_PER_BATCH}
+        partial_path = (root / "stats" / cache.slug(group_keys[group[0]]["model"]) /
+                        f"partial__{cache.digest(partial_key)}.pt")
+        moments: Dict[int, SecondMoment] = collect_second_moments(
+            model, tok, sequences,
+            module_names={layer: key["module"] for layer, key in group_keys.items()},
+            stop_module=templates.layer_module_tmp.format(max(group)),
+            heldout_every=heldout_every(hparams),
+            dtype=dtype,
+            checkpoint_path=partial_path,
+            checkpoint_key=partial_key,
+            tokens_per_batch=TOKENS_PER_BATCH,
+            description="second-moment statistics" + (f", pass {number} of {len(groups)}" if len(groups) > 1 else ""),
+        )
+        for layer in group:
+            moment = moments.pop(layer)
+            stored = {"moment": moment.moment, "count": moment.count, "heldout_keys": moment.heldout_keys}
+            del moment
+            cache.save_keyed(statistics_path(root, keys[layer]), keys[layer], stored)
+            stats[layer] = then(layer, stored)
+            del stored
     return stats

@@ -81,3 +81,20 @@ def check_device(device: Union[str, int, torch.device], field: str = "device") -
     elif resolved.type not in ("cpu", "cuda", "mps", "meta"):
         raise SettingError(f"{field} {device!r}: the plugin edits on cpu, cuda or mps")
     return resolved
+
+
+def check_weights_in_memory(model) -> None:
+    """Refuse a model some of whose weights accelerate keeps offloaded (on the ``meta`` device, loaded by hooks
+    at each forward: ``device_map="auto"`` on a model larger than its devices, or a ``"disk"`` entry), before any
+    work: the edit reads and writes the edited weights in place and runs the target search's backward pass
+    through the blocks above them, which hook-loaded weights do not allow."""
+    offloaded = sorted({name.rsplit(".", 1)[0] for name, parameter in model.named_parameters()
+                        if parameter.device.type == "meta"})
+    if not offloaded:
+        return
+    shown = ", ".join(offloaded[:6]) + (f" and {len(offloaded) - 6} more" if len(offloaded) > 6 else "")
+    raise SettingError(
+        f"the model has weights that accelerate keeps offloaded (on the 'meta' device, loaded at each forward): "
+        f"{shown}. The plugin edits weights in place and back-propagates through the blocks above the edited "
+        "ones, so every weight must be in memory: load the model with a device_map whose devices hold all of it "
+        "(more GPUs, or max_memory that leaves nothing to 'disk' or 'meta'), or load it on the CPU")

@@ -32,6 +32,7 @@ import torch
 
 from .errors import ProjectorMismatchError, StateMismatchError
 from .layer_statistics import LayerNullSpace
+from .null_space_projector import ProjectorTensor, projector_file_entry, projector_from_file_entry
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class EditingState:
         """Deprecated name of :attr:`earlier_keys_kkt_sum` (it is a sum, not a covariance)."""
         return self.earlier_keys_kkt_sum
 
-    def projector_for(self, layer: int, d_in: int) -> torch.Tensor:
+    def projector_for(self, layer: int, d_in: int) -> ProjectorTensor:
         """P of ``layer``, checked against the number of inputs of the weight it will be applied to."""
         space = self.null_spaces.get(layer)
         if space is None:
@@ -209,7 +210,7 @@ class EditingState:
             "kind": _KIND,
             "identity": self.identity,
             "context_templates": self.context_templates,
-            "null_spaces": {str(l): {"projector": s.projector.cpu(), "rank": s.rank,
+            "null_spaces": {str(l): {"projector": projector_file_entry(s.projector), "rank": s.rank,
                                      "heldout_keys": s.heldout_keys, "token_count": s.token_count}
                             for l, s in self.null_spaces.items()},
             "earlier_keys_kkt_sum": cpu(self.earlier_keys_kkt_sum),
@@ -265,7 +266,8 @@ def _by_layer(tensors: Mapping[str, torch.Tensor]) -> TensorsByLayer:
 
 
 def _null_spaces(data: Mapping[str, Mapping[str, Any]]) -> Dict[int, LayerNullSpace]:
-    return {int(l): LayerNullSpace(**s) for l, s in data.items()}
+    return {int(l): LayerNullSpace(**{**s, "projector": projector_from_file_entry(s["projector"])})
+            for l, s in data.items()}
 
 
 def _require(data: Mapping[str, Any], names, path_or_kind: str) -> None:

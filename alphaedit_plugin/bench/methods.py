@@ -101,7 +101,9 @@ class RegisteredMethodRun(BenchMethod):
         return templates_for(self.model, self.hparams)
 
     def _device(self):
-        return next(self.model.parameters()).device
+        from ..edit_loop import state_device
+
+        return state_device(self.model, self.hparams)
 
     def edited_parameters(self):
         template = self._templates().rewrite_module_tmp

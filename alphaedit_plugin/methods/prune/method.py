@@ -30,10 +30,12 @@ class PRUNE(MEMIT):
                 state) -> Tuple[TensorsByLayer, Dict[str, TensorsByLayer]]:
         changes, totals = {}, {}
         for layer, delta in deltas.items():
-            original = state.reference_tensors["original_weights"][layer]
-            total = state.running_sums["raw_totals"][layer] + delta.to(state.running_sums["raw_totals"][layer])
+            device = weights[layer].device  # the layer's device; the state's tensors may live elsewhere
+            original = state.reference_tensors["original_weights"][layer].to(device)
+            previous = state.running_sums["raw_totals"][layer]
+            total = previous.to(device) + delta.to(device=device, dtype=torch.float64)
             restrained = restrain_singular_values(total, largest_sv(original), self.hparams.prune_log_base)
             target = original.to(torch.float64) + restrained
             changes[layer] = (target - weights[layer].to(torch.float64)).to(weights[layer].dtype)
-            totals[layer] = total
+            totals[layer] = total.to(previous.device)
         return changes, {"raw_totals": totals}
