@@ -127,8 +127,9 @@ class EditHyperParams:
         "memory between edits; each layer's are copied to its weight's device for its solve and freed after.",
         default=False)
     statistics_memory_gb: float = _help(
-        "Device memory for the statistics' running sums (float32, d x d per layer): layers whose sums do not "
-        "fit in it together are collected in separate passes over the corpus.", default=3.0)
+        "GPU memory for the statistics' running sums (float32, d x d per layer): layers whose sums do not "
+        "fit in it together are collected in separate passes over the corpus. On the CPU the sums go straight "
+        "into float64 totals in one pass.", default=3.0)
     seed: int = _help("Seed for context-template sampling and self-corpus generation.", default=0)
     # Fields EasyEdit reads off MEMIT-style hparams; kept so its code paths find them.
     mom2_adjustment: bool = _help("Unused (EasyEdit's MEMIT-style yaml files carry it).", default=True)

@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from . import cache
+from . import cache, second_moment
 from .architectures import ModuleTemplates, get_module, weight_as_out_in
 from .corpus import corpus_identity, corpus_token_sequences
 from .null_space_projector import (ProjectorTensor, null_space_projector, projector_file_entry, projector_form,
@@ -258,7 +258,10 @@ def _compute_second_moments(model, tok, hparams, templates, keys: Dict[int, dict
                                        hparams.mom2_max_tokens, hparams.seed)
     dtype = getattr(torch, hparams.mom2_dtype)
     widths = {layer: weight_as_out_in(get_module(model, key["module"])).shape[1] for layer, key in keys.items()}
-    groups = layer_groups(widths, dtype, hparams.statistics_memory_gb * 2 ** 30)
+    on_device = any(second_moment.accumulates_on_device(weight_as_out_in(get_module(model, key["module"])).device)
+                    for key in keys.values())
+    # The budget is the GPU's: on the CPU the sums are the float64 totals, and one pass serves every layer.
+    groups = layer_groups(widths, dtype, hparams.statistics_memory_gb * 2 ** 30) if on_device else [sorted(keys)]
     if len(groups) > 1:
         logger.info("statistics in %d passes over the corpus (layers %s): their %s sums do not fit "
                     "statistics_memory_gb = %g together", len(groups), groups, hparams.mom2_dtype,

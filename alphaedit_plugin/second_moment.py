@@ -7,13 +7,15 @@ every ``heldout_every``-th text is kept out of the moment, and an evenly
 spaced sample of its keys (at most ``heldout_keys`` rows) is kept instead, to
 measure preservation on keys the projector was not built from.
 
-Memory: each layer's products are summed on the model's device in the
-statistics dtype (float32: 4·d² bytes per layer), and every
+Memory: on a GPU each layer's products are summed on the layer's device in
+the statistics dtype (float32: 4·d² bytes per layer), and every
 ``FLUSH_TOKENS`` tokens that partial sum is added into a float64 total kept
 in CPU memory (8·d² bytes per layer). A float32 sum over a million tokens
 keeps about six significant digits, far below the eigenvalue threshold's
 scale; the float64 total keeps the rest. :func:`layer_groups` splits the
-layers into passes whose device sums fit a memory budget.
+layers into passes whose device sums fit a memory budget. On the CPU each
+batch's product goes straight into the float64 total (one d × d sum per
+layer, in one pass).
 
 The computation is streaming and checkpoints its running sums; an
 interrupted run resumes from the last checkpoint if that was made for the
@@ -134,12 +136,19 @@ def collect_second_moments(
                     keys = captured[token_mask.to(captured.device)].to(dtype)
                     layer_heldout = heldout_tokens.to(captured.device)
                     main = keys[~layer_heldout]
-                    if layer not in device_sums:
-                        device_sums[layer] = torch.zeros(keys.shape[1], keys.shape[1], dtype=dtype,
-                                                         device=keys.device)
-                    elif device_sums[layer].device != keys.device:  # resumed from a checkpoint
-                        device_sums[layer] = device_sums[layer].to(keys.device)
-                    device_sums[layer].addmm_(main.T, main)
+                    if not accumulates_on_device(keys.device):
+                        # In CPU memory the float64 total is the only sum: each batch's product is added into it
+                        # (widened exactly, no float64 temporary), as the statistics always were.
+                        if layer not in sums:
+                            sums[layer] = torch.zeros(keys.shape[1], keys.shape[1], dtype=torch.float64)
+                        sums[layer].add_(main.T @ main)
+                    else:
+                        if layer not in device_sums:
+                            device_sums[layer] = torch.zeros(keys.shape[1], keys.shape[1], dtype=dtype,
+                                                             device=keys.device)
+                        elif device_sums[layer].device != keys.device:  # resumed from a checkpoint
+                            device_sums[layer] = device_sums[layer].to(keys.device)
+                        device_sums[layer].addmm_(main.T, main)
                     counts[layer] += int(main.shape[0])
                     if picked:
                         samples[layer].append(keys[layer_heldout][picked].float().cpu())
@@ -175,14 +184,17 @@ def collect_second_moments(
     return result
 
 
+def accumulates_on_device(device: torch.device) -> bool:
+    """Whether keys on ``device`` are summed there first (a GPU) or straight into the float64 totals (the CPU)."""
+    return device.type != "cpu"
+
+
 def _flush(partial: Dict[int, torch.Tensor], totals: Dict[int, torch.Tensor]) -> None:
     """Add the device's partial sums into the float64 totals in CPU memory, and zero them."""
     for layer, value in partial.items():
-        moved = value.to("cpu", torch.float64, copy=True)  # never the device sum itself, which is zeroed next
-        if layer in totals:
-            totals[layer] += moved
-        else:
-            totals[layer] = moved
+        if layer not in totals:
+            totals[layer] = torch.zeros(value.shape, dtype=torch.float64)
+        totals[layer].add_(value.cpu())  # in the statistics dtype over the bus, widened exactly as it is added
         value.zero_()
 
 

@@ -38,3 +38,32 @@ def test_baselines_preset_lists_every_method_with_its_shipped_yaml(tmp_path):
     config = config_from_args(build_parser().parse_args(argv), argv)
     assert config.methods == ["unedited", "MEMIT", "MEMIT+P", "AlphaEdit"] and config.edits == 300
     assert config.method_options["MEMIT+P"].hparams == str(SHIPPED / "MEMIT" / "smollm2-135m-projected.yaml")
+
+
+def test_the_scale_benchmark_runs_end_to_end_at_a_small_width(tmp_path):
+    """benchmarks/scale_llama8b.py at --shape small: every figure it reports is there, and the factored P it
+    keeps is smaller than the dense one would be."""
+    import json
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"The city number {i} lies on the river and has a large old market square." * 3
+                                for i in range(12)) + "\n")
+    output = tmp_path / "scale"
+    code = preset("scale_llama8b").main(["--shape", "small", "--blocks", "9", "--edits", "2", "--batch-size", "2",
+                                         "--samples", "12", "--v-steps", "2", "--projector-form", "factored",
+                                         "--corpus", str(corpus), "--data", str(tmp_path / "none.json"),
+                                         "--stats-dir", str(tmp_path / "stats"), "--output", str(output)])
+    assert code == 0
+    result = json.loads((output / "results.json").read_text())
+    figures = result["figures"]
+    assert result["model"]["blocks"] == 9 and result["settings"]["v_loss_layer"] == 8
+    assert figures["statistics"]["tokens"] > 0 and figures["statistics"]["seconds_per_1000_tokens"] > 0
+    assert set(figures["projector_seconds"]) == {"4", "5", "6", "7", "8"}
+    assert all(v is not None for v in figures["projector_seconds"].values())
+    assert set(figures["solve_seconds"]) == {"4", "5", "6", "7", "8"}
+    assert figures["state_bytes"]["projectors"] < figures["state_bytes"]["dense_projectors_would_be"]
+    assert set(figures["state_bytes"]["projector_form"].values()) == {"FactoredProjector"}
+    [run] = figures["edits"]
+    assert run["edits"] == 2 and run["seconds_per_edit"] > 0 and run["peak_rss_beyond_weights_gb"] is not None
+    assert "statistics" in figures["memory_gb"]["peak_rss_beyond_weights"]
+    assert result["command"].startswith("benchmarks/scale_llama8b.py --shape small")

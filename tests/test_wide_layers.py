@@ -191,7 +191,7 @@ def test_layer_groups_fit_the_budget():
 
 
 @pytest.mark.parametrize("mom2_dtype", ["float32", "float64"])
-def test_statistics_in_several_passes_and_flushes_equal_one_pass(tmp_path, arch, tokenizer, monkeypatch, mom2_dtype):
+def test_statistics_in_passes_and_device_sums_equal_the_one_pass_float64_sum(tmp_path, arch, tokenizer, monkeypatch, mom2_dtype):
     model = BUILDERS[arch]()
     one = make_hparams(tmp_path, arch, layers=[0, 1, 2], mom2_dtype=mom2_dtype, stats_dir=str(tmp_path / "one"))
     many = make_hparams(tmp_path, arch, layers=[0, 1, 2], mom2_dtype=mom2_dtype, stats_dir=str(tmp_path / "many"),
@@ -206,7 +206,9 @@ def test_statistics_in_several_passes_and_flushes_equal_one_pass(tmp_path, arch,
         return real(*args, **kwargs)
 
     monkeypatch.setattr("alphaedit_plugin.layer_statistics.collect_second_moments", counting)
-    monkeypatch.setattr(second_moment_module, "FLUSH_TOKENS", 7)  # the device sums flushed every few batches
+    # The GPU's way on the CPU: sums in the statistics dtype, flushed every few batches into float64 totals.
+    monkeypatch.setattr(second_moment_module, "accumulates_on_device", lambda device: True)
+    monkeypatch.setattr(second_moment_module, "FLUSH_TOKENS", 7)
     in_passes = load_or_compute_second_moments(model, tokenizer, many, templates)
     assert passes == [[0], [1], [2]]
     for layer in one.layers:
@@ -276,3 +278,23 @@ def test_a_model_with_offloaded_blocks_is_refused_before_any_work(tmp_path, toke
         apply_alphaedit_to_model(dispatched, tokenizer, [FACTS[0]], hparams)
     in_memory = {name: p for name, p in dispatched.state_dict().items() if p.device.type != "meta"}
     assert all(torch.equal(in_memory[name], snapshot[name]) for name in in_memory)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the model is split across cuda:0 and cpu")
+def test_a_model_split_across_a_gpu_and_the_cpu_edits_as_on_one_device(tmp_path, tokenizer):
+    from accelerate import dispatch_model
+
+    base = BUILDERS["llama"]()
+    reference = copy.deepcopy(base)
+    hparams = full_rank_hparams(tmp_path, "llama", reference, tokenizer, layers=[1, 2])
+    apply_alphaedit_to_model(reference, tokenizer, FACTS[:2], hparams, state=create_state(reference, tokenizer, hparams))
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
+                  "model.layers.2": "cpu", "model.layers.3": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    split = dispatch_model(base, device_map=device_map, main_device="cpu")  # every weight in memory, none on meta
+    assert {p.device.type for p in split.parameters()} == {"cuda", "cpu"}
+    state = create_state(split, tokenizer, hparams)
+    apply_alphaedit_to_model(split, tokenizer, FACTS[:2], hparams, state=state)
+    expected, got = edited_weights(reference, hparams), edited_weights(split, hparams)
+    assert got[1].device.type == "cuda" and got[2].device.type == "cpu"  # written where each layer lives
+    for layer in hparams.layers:
+        assert torch.allclose(got[layer].cpu(), expected[layer], rtol=1e-3, atol=1e-4)
