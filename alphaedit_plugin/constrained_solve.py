@@ -34,8 +34,7 @@ from typing import Optional
 
 import torch
 
-from .null_space_projector import (FactoredProjector, ProjectorTensor, project_both_sides, project_columns,
-                                   project_rows as project_rows_of)
+from .null_space_projector import FactoredProjector, ProjectorTensor, project_both_sides, project_columns
 
 
 @dataclass(frozen=True)
@@ -131,12 +130,11 @@ def solve_with_terms(keys: torch.Tensor, residuals: torch.Tensor, terms: SolveTe
     missing = [name for name, need in needed.items() if need and given[name] is None]
     if missing:
         raise ValueError(f"the solve {terms} needs {missing}")
-    k = keys.to(torch.float64)
     extra = None
     if terms.mom2_prior_weight is not None:
-        extra = terms.mom2_prior_weight * second_moment.to(device=k.device, dtype=torch.float64)
+        extra = terms.mom2_prior_weight * second_moment.to(device=keys.device, dtype=torch.float64)
     if terms.earlier_keys:
-        kkt = earlier_keys_kkt_sum.to(k.device)
+        kkt = earlier_keys_kkt_sum.to(keys.device)
         extra = kkt if extra is None else extra.add_(kkt)  # float32 widened exactly, no float64 copy
     return constrained_update(keys, residuals, projector if terms.projection else None, extra, terms.ridge)
 
@@ -147,7 +145,10 @@ def project_rows(delta: torch.Tensor, projector: ProjectorTensor) -> torch.Tenso
     if len(projector.shape) != 2 or projector.shape[0] != projector.shape[1] or projector.shape[0] != delta.shape[-1]:
         raise ValueError(f"projector of shape {tuple(projector.shape)} does not fit an update with "
                          f"{delta.shape[-1]} inputs")
-    return project_rows_of(delta.to(torch.float64), projector).to(delta.dtype)
+    rows = delta.to(torch.float64)
+    if isinstance(projector, FactoredProjector):
+        return project_columns(projector, rows.T).T.to(delta.dtype)  # P is symmetric: Δ P = (P Δᵀ)ᵀ
+    return (rows @ projector.to(device=delta.device, dtype=torch.float64)).to(delta.dtype)
 
 
 def preservation_ratio(delta: torch.Tensor, weight: torch.Tensor, keys: torch.Tensor) -> float:

@@ -20,9 +20,8 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from .null_space_projector import ProjectorTensor, project_columns
-
 from .evaluation.scoring import answer_nll
+from .null_space_projector import ProjectorTensor, project_columns
 from .requests import EditRequest
 
 TOOK_FRACTION = 0.5

@@ -257,9 +257,9 @@ def _compute_second_moments(model, tok, hparams, templates, keys: Dict[int, dict
     sequences = corpus_token_sequences(hparams.mom2_dataset, model, tok, hparams.mom2_n_samples,
                                        hparams.mom2_max_tokens, hparams.seed)
     dtype = getattr(torch, hparams.mom2_dtype)
-    widths = {layer: weight_as_out_in(get_module(model, key["module"])).shape[1] for layer, key in keys.items()}
-    on_device = any(second_moment.accumulates_on_device(weight_as_out_in(get_module(model, key["module"])).device)
-                    for key in keys.values())
+    weights = {layer: weight_as_out_in(get_module(model, key["module"])) for layer, key in keys.items()}
+    widths = {layer: weight.shape[1] for layer, weight in weights.items()}
+    on_device = any(second_moment.accumulates_on_device(weight.device) for weight in weights.values())
     # The budget is the GPU's: on the CPU the sums are the float64 totals, and one pass serves every layer.
     groups = layer_groups(widths, dtype, hparams.statistics_memory_gb * 2 ** 30) if on_device else [sorted(keys)]
     if len(groups) > 1:

@@ -18,7 +18,8 @@ P is kept in one of two forms:
 
 ``projector_form(d, "auto")`` picks the factored form for layers of
 :data:`FACTORED_FROM_WIDTH` inputs or more. :func:`project_columns` and
-:func:`project_rows` apply either form.
+:func:`project_both_sides` apply either form (the rows of an update:
+:func:`.constrained_solve.project_rows`).
 """
 
 from __future__ import annotations
@@ -152,11 +153,6 @@ def project_columns(projector: ProjectorTensor, x: torch.Tensor) -> torch.Tensor
         inner = b @ (b.T @ x)
         return x - inner if projector.complement else inner
     return projector.to(device=x.device, dtype=x.dtype) @ x
-
-
-def project_rows(x: torch.Tensor, projector: ProjectorTensor) -> torch.Tensor:
-    """x P for x of shape (k, d), in x's dtype and on x's device (P is symmetric)."""
-    return project_columns(projector, x.T).T
 
 
 def project_both_sides(matrix: torch.Tensor, projector: ProjectorTensor) -> torch.Tensor:

@@ -58,6 +58,7 @@ def test_factored_projector_applies_like_the_dense_matrix(null_rank):
     x = torch.randn(D, 7, dtype=torch.float64)
     assert torch.allclose(project_columns(factored, x), dense @ x, atol=1e-6)
     assert torch.allclose(project_rows(x.T, factored), x.T @ dense, atol=1e-6)
+    assert torch.allclose(project_rows(x.T, dense), x.T @ dense, atol=1e-12)
     a = torch.randn(D, D, dtype=torch.float64)
     a = a @ a.T
     assert torch.allclose(project_both_sides(a.clone(), factored), dense @ a @ dense, atol=1e-5)
