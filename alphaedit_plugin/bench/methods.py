@@ -4,6 +4,9 @@ The labels come from :mod:`alphaedit_plugin.registry` (``AlphaEdit``,
 ``MEMIT``, ``MEMIT+P``, ``MEMIT@easyeditor+P``, ``PRUNE``, ...); a method
 registered there is in ``alphaedit-bench --methods`` at once. ``unedited`` is
 the runner's own row: the unedited model scored like the others.
+``AlphaEdit@host`` is the current EasyEdit's own AlphaEdit
+(:mod:`alphaedit_plugin.hosts.easyedit.host_alphaedit`), with AlphaEdit's
+hyperparameters: the plugin and the host side by side in one run.
 
 Each label runs as a :class:`RegisteredMethodRun`: its hyperparameters come
 from ``MethodOptions.hparams`` (a yaml path or an object), else from the
@@ -28,6 +31,8 @@ from .. import registry
 logger = logging.getLogger(__name__)
 
 UNEDITED = "unedited"
+HOST_ALPHAEDIT = "AlphaEdit@host"
+HPARAMS_LABEL = {HOST_ALPHAEDIT: "AlphaEdit"}  # the registered method whose yaml a runner row takes
 
 
 @dataclass
@@ -152,6 +157,57 @@ class RegisteredMethodRun(BenchMethod):
         return result or None
 
 
+class HostAlphaEditRun(BenchMethod):
+    """The host's ``apply_AlphaEdit_to_model``, unchanged, on AlphaEdit's hyperparameters (see
+    :mod:`alphaedit_plugin.hosts.easyedit.host_alphaedit`); its P and key cache are the state between batches."""
+
+    name = HOST_ALPHAEDIT
+    STATE_FILE = "host_state.pt"
+
+    def __init__(self, model, tok, options: MethodOptions):
+        from ..architectures import templates_for
+        from ..hosts.easyedit.host_alphaedit import HostAlphaEdit
+
+        super().__init__(model, tok, options)
+        self.hparams = load_method_hparams(HOST_ALPHAEDIT, options.hparams, options.overrides)
+        self.templates = templates_for(model, self.hparams)
+        self.host = HostAlphaEdit(model, tok, self.hparams, self.templates)
+
+    def edited_parameters(self):
+        return [f"{self.templates.rewrite_module_tmp.format(layer)}.weight" for layer in self.hparams.layers]
+
+    def prepare(self):
+        """The host's statistics and projectors, over the texts the plugin's statistics read (the held-out
+        share left out as there)."""
+        from ..corpus import corpus_token_sequences
+        from ..layer_statistics import heldout_every
+        from ..second_moment import is_heldout
+
+        hp = self.hparams
+        sequences = corpus_token_sequences(hp.mom2_dataset, self.model, self.tok, hp.mom2_n_samples,
+                                           hp.mom2_max_tokens, hp.seed)
+        every = heldout_every(hp)
+        self.host.compute_projectors([ids for i, ids in enumerate(sequences) if not is_heldout(i, every)])
+
+    def edit(self, requests):
+        self.host.edit(requests)
+
+    def save_state(self, folder):
+        import torch
+
+        torch.save(self.host.state(), Path(folder) / self.STATE_FILE)
+
+    def load_state(self, folder):
+        import torch
+
+        self.host.load_state(torch.load(Path(folder) / self.STATE_FILE, weights_only=True))
+
+    def describe(self):
+        return {"label": self.name, "code": "easyeditor.models.alphaedit.AlphaEdit_main.apply_AlphaEdit_to_model",
+                "hparams": describe_hparams(self.hparams), "host_hparams": {k: v for k, v in describe_hparams_object(self.host.host_hparams).items()
+                                 if k not in ("stats_dir", "P_loc")}}  # scratch paths, new in every process
+
+
 # ---------------------------------------------------------------------------
 def apply_overrides(hparams: Any, overrides: Dict[str, Any], label: str) -> None:
     """Replace hparams fields in place (the CLI's --corpus, --stats-dir, ...); an unknown field is refused."""
@@ -166,8 +222,17 @@ def describe_hparams(hparams: Any) -> Dict[str, Any]:
     return {k: (v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v)) for k, v in fields.items()}
 
 
+def describe_hparams_object(hparams: Any) -> Dict[str, Any]:
+    """Every dataclass field of a (host) hyperparameter object, as JSON values."""
+    import dataclasses
+
+    fields = {f.name: getattr(hparams, f.name) for f in dataclasses.fields(hparams)}
+    return {k: (v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v)) for k, v in fields.items()}
+
+
 def default_hparams_path(label: str, model: str) -> Optional[Path]:
     """The shipped yaml of ``label`` for ``model`` (``hparams/<method>/<key><variant suffix>.yaml``), or None."""
+    label = HPARAMS_LABEL.get(label, label)
     if label == UNEDITED or label not in registry.labels():
         return None
     return registry.shipped_hparams_path(label, model)
@@ -179,9 +244,10 @@ def load_method_hparams(label: str, source: Any, overrides: Optional[Dict[str, A
     Refuses (ValueError) hparams of another method or variant: ``MEMIT+P`` needs ``alg_name: MEMIT`` and
     ``projection: true``, ``MEMIT`` needs ``projection: false``.
     """
+    row, label = label, HPARAMS_LABEL.get(label, label)
     entry, _ = registry.parse_label(label)
     shipped = registry.yaml_name(label, "smollm2-135m")
-    flag = f"--method-hparams {label}=PATH (e.g. {shipped})"
+    flag = f"--method-hparams {row}=PATH (e.g. {shipped})"
     if source is None:
         raise ValueError(f"{label} needs hyperparameters: pass {flag}, or --hparams PATH when it is the only "
                          "method with hyperparameters")
@@ -206,7 +272,7 @@ def load_method_hparams(label: str, source: Any, overrides: Optional[Dict[str, A
 
 # ---------------------------------------------------------------------------
 def available_methods() -> List[str]:
-    return [UNEDITED] + registry.labels()
+    return [UNEDITED] + registry.labels() + [HOST_ALPHAEDIT]
 
 
 def method_uses_hparams(name: str) -> bool:
@@ -229,6 +295,8 @@ def create_method(name: str, model, tok, options: Optional[MethodOptions] = None
     options = options or MethodOptions()
     if name == UNEDITED:
         return UneditedMethod(model, tok, options)
+    if name == HOST_ALPHAEDIT:
+        return HostAlphaEditRun(model, tok, options)
     if name not in registry.labels():
         raise ValueError(f"unknown method {name!r}; registered: {', '.join(available_methods())}")
     return RegisteredMethodRun(model, tok, options, label=name)

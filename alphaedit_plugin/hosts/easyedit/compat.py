@@ -45,6 +45,10 @@ touched.
    only and only where the tokenizer has no pad token; one that has one is
    never changed. (The tokenizer object is the caller's: the pad token stays
    set on it, as it would on a tokenizer the host had loaded.)
+6. Running the host's own AlphaEdit for a side-by-side benchmark
+   (``AlphaEdit@host``): what is arranged around that call, and why, is in
+   :mod:`alphaedit_plugin.hosts.easyedit.host_alphaedit` (it is not a call the
+   plugin's users make through ``BaseEditor``).
 """
 
 from __future__ import annotations

@@ -81,16 +81,11 @@ def _parameter_name(model, tensor: torch.Tensor, fallback: str) -> str:
     return fallback
 
 
-def host_hparams(model, hparams, templates: ModuleTemplates):
-    """A real ``easyeditor`` ``MEMITHyperParams`` carrying our settings, for the host's step functions.
-
-    Fields the host class has and we do not know are left at the host's defaults; a required one we cannot
-    fill is named in the error.
-    """
-    _, _, host_class = host_memit_modules()
+def host_fields(model, hparams, templates: ModuleTemplates, alg_name: str) -> Dict[str, Any]:
+    """Our settings under the field names of the host's hyperparameter classes (MEMIT's, AlphaEdit's)."""
     loss_layer = hparams.v_loss_layer if hparams.v_loss_layer >= 0 else num_layers(model) + hparams.v_loss_layer
     lm_head = get_module(model, templates.lm_head_module)
-    ours: Dict[str, Any] = {
+    return {
         "layers": list(hparams.layers), "layer_selection": "all", "fact_token": hparams.fact_token,
         "v_num_grad_steps": hparams.v_num_grad_steps, "v_lr": hparams.v_lr, "v_loss_layer": loss_layer,
         "v_weight_decay": hparams.v_weight_decay, "clamp_norm_factor": hparams.clamp_norm_factor,
@@ -101,10 +96,15 @@ def host_hparams(model, hparams, templates: ModuleTemplates):
         "ln_f_module": templates.ln_f_module,
         "lm_head_module": _parameter_name(model, lm_head.weight, templates.lm_head_module),
         "mom2_dataset": str(hparams.mom2_dataset), "mom2_n_samples": hparams.mom2_n_samples,
-        "mom2_dtype": hparams.mom2_dtype, "alg_name": "MEMIT", "device": hparams.device,
+        "mom2_dtype": hparams.mom2_dtype, "alg_name": alg_name, "device": hparams.device,
         "model_name": hparams.model_name if isinstance(hparams.model_name, str) else "model",
         "stats_dir": str(hparams.stats_dir or ""), "batch_size": 1, "max_length": 40, "model_parallel": False,
     }
+
+
+def fill_host_class(host_class, ours: Dict[str, Any], fallback: str):
+    """``host_class(**fields)`` with the fields it has taken from ``ours``; a required field ``ours`` lacks is
+    named in the error (``fallback`` says what to do instead)."""
     values, missing = {}, []
     for spec in dataclasses.fields(host_class):
         if spec.name in ours:
@@ -112,9 +112,19 @@ def host_hparams(model, hparams, templates: ModuleTemplates):
         elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
             missing.append(spec.name)
     if missing:
-        raise HostUnavailableError(f"the installed easyeditor's MEMITHyperParams needs fields the plugin cannot "
-                                   f"fill: {missing}; set memit_steps: plugin")
+        raise HostUnavailableError(f"the installed easyeditor's {host_class.__name__} needs fields the plugin "
+                                   f"cannot fill: {missing}; {fallback}")
     return host_class(**values)
+
+
+def host_hparams(model, hparams, templates: ModuleTemplates):
+    """A real ``easyeditor`` ``MEMITHyperParams`` carrying our settings, for the host's step functions.
+
+    Fields the host class has and we do not know are left at the host's defaults; a required one we cannot
+    fill is named in the error.
+    """
+    _, _, host_class = host_memit_modules()
+    return fill_host_class(host_class, host_fields(model, hparams, templates, "MEMIT"), "set memit_steps: plugin")
 
 
 def host_request(request: EditRequest) -> Dict[str, Any]:
