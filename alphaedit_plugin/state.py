@@ -187,38 +187,69 @@ class EditingState:
                 self._said_no_weights = True
                 logger.warning("the editing state records no fingerprint of the model's weights (an earlier file "
                                "format): it is checked by the model's name only")
-        differing = sorted(k for k in set(self.identity) | set(identity)
-                           if k not in ignored and self.identity.get(k) != identity.get(k))
-        if differing:
-            details = "; ".join(f"{k}: state has {self.identity.get(k)!r}, edit needs {identity.get(k)!r}"
-                                for k in differing)
-            hint = (" (the same model name with other weights: another checkpoint, or a state of another model)"
-                    if differing == ["unedited_weights"] else "")
-            raise StateMismatchError(f"the editing state was made for a different setting ({details}){hint}; "
-                                     "create a new state or reset the model")
+        _check_identity(self.identity, identity, ignored)
 
     # ------------------------------------------------------------------
-    def save(self, path: Union[str, Path]) -> None:
+    def save(self, path: Union[str, Path], accumulated_only: bool = False) -> None:
+        """Write the state to ``path``. ``accumulated_only``: only what the edits have added (Kp Kpᵀ, the running
+        sums, the edit log) with the identity and the context prefixes, not what :func:`create_state` makes
+        again from the unedited model and the statistics cache (P, held-out keys, C0, the unedited weights a
+        method keeps): a resume file a fraction of the size, read back with :meth:`resume`."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
 
         def cpu(tensors: TensorsByLayer) -> Dict[str, torch.Tensor]:
             return {str(layer): tensor.detach().cpu() for layer, tensor in tensors.items()}
 
-        torch.save({
-            "format": STATE_FORMAT,
-            "kind": _KIND,
-            "identity": self.identity,
-            "context_templates": self.context_templates,
+        made_again = {} if accumulated_only else {
             "null_spaces": {str(l): {"projector": projector_file_entry(s.projector), "rank": s.rank,
                                      "heldout_keys": s.heldout_keys, "token_count": s.token_count}
                             for l, s in self.null_spaces.items()},
-            "earlier_keys_kkt_sum": cpu(self.earlier_keys_kkt_sum),
             "second_moments": cpu(self.second_moments),
             "reference_tensors": {name: cpu(group) for name, group in self.reference_tensors.items()},
+        }
+        torch.save({
+            "format": STATE_FORMAT,
+            "kind": _KIND,
+            "accumulated_only": accumulated_only,
+            "identity": self.identity,
+            "context_templates": self.context_templates,
+            **made_again,
+            "earlier_keys_kkt_sum": cpu(self.earlier_keys_kkt_sum),
             "running_sums": {name: cpu(group) for name, group in self.running_sums.items()},
             "edit_log": [_record_to_file(r) for r in self.edit_log],
         }, path)
+
+    def resume(self, path: Union[str, Path]) -> "EditingState":
+        """Take over the edits of a state saved with ``accumulated_only`` (or in full) into this fresh state,
+        made by :func:`create_state` for the same setting from the unedited model; returns ``self``.
+
+        Refused (:class:`StateMismatchError`), leaving this state as it was, where the file was made for another
+        setting or with other context prefixes, or where this state has edits already.
+        """
+        path = Path(path)
+        data = _read(path)
+        if not (isinstance(data, dict) and data.get("format") == STATE_FORMAT and data.get("kind") == _KIND):
+            raise ValueError(f"{path} is not an editing state file of format {STATE_FORMAT}")
+        _require(data, ("identity", "context_templates", "earlier_keys_kkt_sum", "edit_log"), str(path))
+        if self.edit_log:
+            raise StateMismatchError(f"resume({path}) needs a fresh state; this one has {self.edits_applied} edits")
+        _check_identity(data["identity"], self.identity)
+        if data["context_templates"] != self.context_templates:
+            raise StateMismatchError(f"{path} was edited with other context prefixes than this state's (another "
+                                     "seed, count or length, or another model's samples)")
+        sums = _by_layer(data["earlier_keys_kkt_sum"])
+        if set(sums) != set(self.earlier_keys_kkt_sum) or any(
+                sums[l].shape != self.earlier_keys_kkt_sum[l].shape for l in sums):
+            raise StateMismatchError(f"{path} holds key sums of layers {sorted(sums)} that do not fit this state's")
+        device = {l: t.device for l, t in self.earlier_keys_kkt_sum.items()}
+        self.earlier_keys_kkt_sum = {l: t.to(device[l]) for l, t in sums.items()}
+        saved = {name: {l: t.to(device.get(l, t.device)) for l, t in _by_layer(group).items()}
+                 for name, group in data.get("running_sums", {}).items()}
+        self.running_sums = {**self.running_sums, **saved}
+        self.edit_log = [_record_from_file(r) for r in data["edit_log"]]
+        self._undo = None
+        return self
 
     @classmethod
     def load(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu",
@@ -228,6 +259,10 @@ class EditingState:
         path = Path(path)
         data = _read(path)
         version = data.get("format") if isinstance(data, dict) else None
+        if version == STATE_FORMAT and data.get("kind") == _KIND and data.get("accumulated_only"):
+            raise ValueError(f"{path} holds only what the edits added (saved with accumulated_only): make the "
+                             "state again with create_state(model, tok, hparams) on the unedited model, then "
+                             f"state.resume({str(path)!r})")
         if version == STATE_FORMAT and data.get("kind") == _KIND:
             state = _from_format_2(data)
         elif version == LEGACY_FORMAT and data.get("kind") == "BaselineState":
@@ -242,6 +277,17 @@ class EditingState:
         if expected_identity is not None:
             state.check_compatible(expected_identity)
         return state
+
+
+def _check_identity(have: Dict[str, Any], need: Dict[str, Any], ignored=frozenset({"weights_sha256"})) -> None:
+    """Refuse (:class:`StateMismatchError`) a state identity ``have`` where ``need`` differs, naming each entry."""
+    differing = sorted(k for k in set(have) | set(need) if k not in ignored and have.get(k) != need.get(k))
+    if differing:
+        details = "; ".join(f"{k}: state has {have.get(k)!r}, edit needs {need.get(k)!r}" for k in differing)
+        hint = (" (the same model name with other weights: another checkpoint, or a state of another model)"
+                if differing == ["unedited_weights"] else "")
+        raise StateMismatchError(f"the editing state was made for a different setting ({details}){hint}; "
+                                 "create a new state or reset the model")
 
 
 def _record_to_file(record: EditRecord) -> dict:

@@ -3,6 +3,7 @@ end to end, resume after a failed batch equals an uninterrupted run, the 0-edit 
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,7 @@ import torch
 import yaml
 
 from alphaedit_plugin import (EditingState, MEMITHyperParams, PRUNEHyperParams, RECTHyperParams, StateMismatchError,
-                              state_identity)
-from alphaedit_plugin.architectures import templates_for
+                              create_state)
 from alphaedit_plugin.bench import (BenchConfig, BenchmarkError, BenchmarkRunner, MethodOptions, RegisteredMethodRun,
                                     available_methods, run_benchmark)
 from alphaedit_plugin.bench.cli import build_parser, config_from_args, main
@@ -59,9 +59,11 @@ def checkpoint_weights(folder: Path) -> dict:
     return torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)["weights"]
 
 
-def saved_state(folder: Path) -> EditingState:
+def saved_state(folder: Path, hparams) -> EditingState:
+    """The state the runner saved in ``folder``, made whole as the runner resumes it: on the unedited model."""
     progress = json.loads((folder / "progress.json").read_text())
-    return EditingState.load(folder / progress["state_dir"] / RegisteredMethodRun.STATE_FILE)
+    return create_state(build_gpt2(), make_tokenizer(), hparams).resume(
+        folder / progress["state_dir"] / RegisteredMethodRun.STATE_FILE)
 
 
 def test_every_method_and_variant_is_listed():
@@ -103,7 +105,8 @@ def test_memit_and_memit_p_end_to_end(tmp_path):
     assert "| MEMIT | 4 |" in table and "| MEMIT+P | 4 |" in table
 
     # The saved states: every edit logged, with its keys; only MEMIT keeps C0 (its λ·C0 prior).
-    plain, projected = saved_state(out / "methods" / "MEMIT"), saved_state(out / "methods" / "MEMIT+P")
+    plain = saved_state(out / "methods" / "MEMIT", tiny_hparams(tmp_path, "MEMIT"))
+    projected = saved_state(out / "methods" / "MEMIT+P", tiny_hparams(tmp_path, "MEMIT+P"))
     assert plain.edits_applied == projected.edits_applied == 4
     assert plain.identity["method"] == "MEMIT" and projected.identity["method"] == "MEMIT+P"
     assert all(float(c.abs().max()) > 0 for c in projected.earlier_keys_kkt_sum.values())
@@ -154,8 +157,10 @@ def test_resume_after_a_failed_batch_equals_an_uninterrupted_run(tmp_path, flaky
     assert_weights_unchanged(model, before)
     folder = tmp_path / "run" / "methods" / name
     assert json.loads((folder / "progress.json").read_text())["batches_done"] == 1
-    assert saved_state(folder).edits_applied == 2
+    assert saved_state(folder, options[name].hparams).edits_applied == 2
 
+    # Resumed as on another machine: the run folder only, no statistics cache (made again from the corpus).
+    shutil.rmtree(options[name].hparams.stats_dir)
     Flaky.reset()
     resumed = run_benchmark(config(tmp_path, tmp_path / "run", **cfg), model, tok)
     assert Flaky.calls == 2  # batches 2 and 3 only
@@ -174,7 +179,8 @@ def test_resume_after_a_failed_batch_equals_an_uninterrupted_run(tmp_path, flaky
     assert resumed_weights.keys() == fresh_weights.keys()
     assert all(torch.equal(resumed_weights[k], fresh_weights[k]) for k in fresh_weights)
     assert any(not torch.equal(fresh_weights[k], before[k]) for k in fresh_weights)
-    a, b = saved_state(folder), saved_state(tmp_path / "fresh" / "methods" / name)
+    a = saved_state(folder, options[name].hparams)
+    b = saved_state(tmp_path / "fresh" / "methods" / name, options[name].hparams)
     assert a.edits_applied == b.edits_applied == 5
     for layer in b.layers:
         assert torch.equal(a.earlier_keys_kkt_sum[layer], b.earlier_keys_kkt_sum[layer])
@@ -204,7 +210,9 @@ def test_a_resume_with_other_hparams_is_refused(tmp_path, flaky):
     assert Flaky.calls == 0
 
 
-def test_state_save_load_round_trip_and_refusal(tmp_path):
+def test_the_resume_state_holds_what_the_edits_added_and_comes_back_whole(tmp_path):
+    """The runner's resume file keeps Kp Kpᵀ, the running sums and the log, not P, C0 or the unedited weights
+    (made again from the statistics cache); resumed, the state equals the one that was saved."""
     model, tok = build_gpt2(), make_tokenizer()
     hparams = tiny_hparams(tmp_path, "PRUNE+P")
     method = RegisteredMethodRun(model, tok, MethodOptions(hparams=hparams), label="PRUNE+P")
@@ -212,10 +220,17 @@ def test_state_save_load_round_trip_and_refusal(tmp_path):
     method.edit([{"prompt": "The capital of France", "subject": "France", "target_new": "Rome"}])
     method.save_state(tmp_path / "state")
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["state.pt"]
-    loaded = EditingState.load(tmp_path / "state" / RegisteredMethodRun.STATE_FILE,
-                               expected_identity=state_identity(model, hparams, templates_for(model, hparams)))
-    state = method.state
+    saved = torch.load(tmp_path / "state" / "state.pt", weights_only=True)
+    assert saved["accumulated_only"] and not {"null_spaces", "second_moments", "reference_tensors"} & set(saved)
+    with pytest.raises(ValueError, match=r"holds only what the edits added .* state\.resume"):
+        EditingState.load(tmp_path / "state" / RegisteredMethodRun.STATE_FILE)
+
+    unedited = build_gpt2()  # the runner resumes on the unedited model, then loads the checkpoint's weights
+    resumed = RegisteredMethodRun(unedited, tok, MethodOptions(hparams=hparams), label="PRUNE+P")
+    resumed.load_state(tmp_path / "state")
+    loaded, state = resumed.state, method.state
     assert loaded.identity == state.identity and loaded.edits_applied == 1
+    assert loaded.context_templates == state.context_templates
     for layer in hparams.layers:
         assert torch.equal(loaded.running_sums["raw_totals"][layer], state.running_sums["raw_totals"][layer])
         assert torch.equal(loaded.reference_tensors["original_weights"][layer],
@@ -223,16 +238,19 @@ def test_state_save_load_round_trip_and_refusal(tmp_path):
         assert torch.equal(loaded.earlier_keys_kkt_sum[layer], state.earlier_keys_kkt_sum[layer])
         assert torch.equal(loaded.null_spaces[layer].projector, state.null_spaces[layer].projector)
 
-    # Loaded for another method, layer set or model: refused.
-    for other in (tiny_hparams(tmp_path, "MEMIT+P"), tiny_hparams(tmp_path, "PRUNE+P", layers=[2, 3]),
-                  tiny_hparams(tmp_path, "PRUNE+P", model_name="another-model")):
-        with pytest.raises(StateMismatchError, match="different setting"):
-            EditingState.load(tmp_path / "state" / RegisteredMethodRun.STATE_FILE,
-                              expected_identity=state_identity(model, other, templates_for(model, other)))
-    another = RegisteredMethodRun(model, tok, MethodOptions(hparams=tiny_hparams(tmp_path, "MEMIT+P")),
-                                  label="MEMIT+P")
-    with pytest.raises(StateMismatchError, match="method: state has 'PRUNE\\+P', edit needs 'MEMIT\\+P'"):
-        another.load_state(tmp_path / "state")
+    # Resumed for another method, layer set or model: refused, naming what differs.
+    for other, what in ((tiny_hparams(tmp_path, "MEMIT+P"), "method: state has 'PRUNE\\+P', edit needs 'MEMIT\\+P'"),
+                        (tiny_hparams(tmp_path, "PRUNE+P", layers=[2, 3]), "layers"),
+                        (tiny_hparams(tmp_path, "PRUNE+P", model_name="another-model"), "model")):
+        label = "MEMIT+P" if other.alg_name == "MEMIT" else "PRUNE+P"
+        another = RegisteredMethodRun(build_gpt2(), tok, MethodOptions(hparams=other), label=label)
+        with pytest.raises(StateMismatchError, match=what):
+            another.load_state(tmp_path / "state")
+    fresh = RegisteredMethodRun(build_gpt2(), tok, MethodOptions(hparams=hparams), label="PRUNE+P")
+    fresh.prepare()
+    fresh.state.resume(tmp_path / "state" / "state.pt")
+    with pytest.raises(StateMismatchError, match="needs a fresh state"):
+        fresh.state.resume(tmp_path / "state" / "state.pt")
     torch.save({"format": 7}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not an editing state file of format 2 .*format 7"):
         EditingState.load(tmp_path / "other.pt")

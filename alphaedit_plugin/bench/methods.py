@@ -67,7 +67,7 @@ class BenchMethod:
         """Write what later batches need (besides the weights) into ``folder``."""
 
     def load_state(self, folder: Path) -> None:
-        """Read back what ``save_state`` wrote."""
+        """Read back what ``save_state`` wrote; the model is still unedited (its weights come after)."""
 
     def describe(self) -> Dict[str, Any]:
         """Settings recorded in the results."""
@@ -127,14 +127,15 @@ class RegisteredMethodRun(BenchMethod):
         apply_to_model(self.model, self.tok, requests, self.hparams, state=self.state)
 
     def save_state(self, folder):
-        self.state.save(Path(folder) / self.STATE_FILE)
+        # What the edits added only: P, C0 and the rest come back from the statistics cache (or are computed
+        # again) on resume, so that a long run's resume folder is small enough to keep (in git, for one).
+        self.state.save(Path(folder) / self.STATE_FILE, accumulated_only=True)
 
     def load_state(self, folder):
-        from ..edit_loop import state_identity
-        from ..state import EditingState
+        """Called on the unedited model (the runner loads the checkpoint's weights afterwards)."""
+        from ..edit_loop import create_state
 
-        self.state = EditingState.load(Path(folder) / self.STATE_FILE, device=self._device(),
-                                       expected_identity=state_identity(self.model, self.hparams, self._templates()))
+        self.state = create_state(self.model, self.tok, self.hparams).resume(Path(folder) / self.STATE_FILE)
 
     def describe(self):
         return {"label": self.label, "variant": self.hparams.label, "hparams": describe_hparams(self.hparams)}

@@ -307,11 +307,11 @@ class BenchmarkRunner:
                     f"({', '.join(_differing(progress['settings'], settings))}); use the same hyperparameters, "
                     f"another --output folder, or delete {folder} to start {name} over")
             progress["settings"] = settings
+            if progress["state_dir"]:  # first: a method may make its state again from the unedited model
+                method.load_state(folder / progress["state_dir"])
             with torch.no_grad():
                 for n, tensor in checkpoint["weights"].items():
                     params[n].copy_(tensor.to(params[n].device, params[n].dtype))
-            if progress["state_dir"]:
-                method.load_state(folder / progress["state_dir"])
             logger.info("%s: resuming after batch %d of %d (%d edits done)", name, progress["batches_done"],
                         self.batches, min(progress["batches_done"] * cfg.batch_size, len(self.cases)))
         else:
