@@ -6,4 +6,4 @@ supplies to the one edit loop (``method.py``, an
 ends with one :func:`~alphaedit_plugin.registry.register_method` call.
 """
 
-from . import alphaedit, memit, prune, rect  # noqa: F401  (each registers itself)
+from . import alphaedit, memit, prune, rect, sphere  # noqa: F401  (each registers itself)
