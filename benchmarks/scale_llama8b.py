@@ -58,8 +58,11 @@ SHAPES = {"llama3-8b": LLAMA3_8B, "small": SMALL}
 class MemoryMonitor:
     """The process's resident set sampled in a thread; ``phase(name)`` starts a new peak."""
 
-    def __init__(self, interval: float = 0.02):
+    def __init__(self, interval: float = 0.02, report=None, report_every: float = 5.0):
+        """``report(peaks)`` is called from the thread every ``report_every`` seconds: a run the out-of-memory
+        killer stops still leaves its last peaks."""
         self.interval, self.peaks, self.current = interval, {}, None
+        self.report, self.report_every = report, report_every
         self._page = os.sysconf("SC_PAGE_SIZE")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -70,9 +73,13 @@ class MemoryMonitor:
             return int(stream.read().split()[1]) * self._page
 
     def _run(self) -> None:
+        reported = time.monotonic()
         while not self._stop.is_set():
             if self.current is not None:
                 self.peaks[self.current] = max(self.peaks.get(self.current, 0), self.rss())
+            if self.report is not None and time.monotonic() - reported > self.report_every:
+                reported = time.monotonic()
+                self.report(dict(self.peaks))
             time.sleep(self.interval)
 
     def phase(self, name: str, device: torch.device) -> None:
@@ -271,7 +278,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"statistics corpus not found at {args.corpus}; pass --corpus PATH or --corpus self")
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    monitor = MemoryMonitor()
+    peaks_file = output / ("host_memory.json" if args.host else "memory.json")
+
+    def report_peaks(peaks: Dict[str, int]) -> None:  # the process's peaks so far, per phase (GB of RSS)
+        peaks_file.write_text(json.dumps({phase: round(peak / 1e9, 2) for phase, peak in peaks.items()}, indent=2))
+
+    monitor = MemoryMonitor(report=report_peaks)
     figures: Dict[str, object] = {}
 
     started = time.perf_counter()

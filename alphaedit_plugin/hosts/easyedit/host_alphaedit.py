@@ -59,7 +59,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
-from ...architectures import get_module, is_transposed
+from ...architectures import get_module, is_transposed, weight_as_out_in
 from ...requests import normalise_requests
 from .compat import host_step_call
 from .memit_steps import HostUnavailableError, fill_host_class, host_fields, host_request
@@ -200,10 +200,13 @@ class HostAlphaEdit:
         runs when ``P_loc`` does not exist, called on its own so that its time is reported apart."""
         self.reset()
         host = self.host_hparams
+        d_in = weight_as_out_in(get_module(self.model, self.templates.rewrite_module_tmp.format(host.layers[-1])))
+        projectors = torch.zeros((len(host.layers), d_in.shape[1], d_in.shape[1]), device="cpu")  # as the host does
         with host_reads_sequences(sequences), self._named_for_its_cache(), \
                 self._call("easyeditor AlphaEdit statistics"):
-            projectors = [self.main.get_project(self.model, self.tok, layer, host) for layer in host.layers]
-        self._keep_projector(torch.stack(projectors).cpu())
+            for i, layer in enumerate(host.layers):
+                projectors[i, :, :] = self.main.get_project(self.model, self.tok, layer, host)
+        self._keep_projector(projectors)
 
     def edit(self, requests: List[Dict[str, Any]]) -> None:
         """One batch through the host's ``apply_AlphaEdit_to_model``, as ``BaseEditor.batch_edit`` calls it."""
