@@ -133,6 +133,8 @@ def state_identity(model, hparams, templates: ModuleTemplates, method: Optional[
         "layers": list(hparams.layers),
         "rewrite_module_tmp": templates.rewrite_module_tmp,
         "nullspace_threshold": hparams.nullspace_threshold,
+        # only under the energy rule: the identities of states made under the paper's rule stay as they were
+        **({"nullspace_energy": hparams.nullspace_energy} if hparams.nullspace_rule == "energy" else {}),
         "mom2": corpus_identity(hparams.mom2_dataset, hparams.mom2_max_tokens, hparams.seed),
         "mom2_n_samples": hparams.mom2_n_samples,
         "unedited_weights": unedited_weights_fingerprint(model, templates, hparams.layers),

@@ -28,6 +28,7 @@ from typing import Any, ClassVar, List, Optional, Tuple, Union
 import yaml
 
 from .null_space_projector import FORMS as PROJECTOR_FORMS
+from .null_space_projector import RULES as NULLSPACE_RULES
 from .run_settings import model_dtype_name
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,13 @@ class EditHyperParams:
     nullspace_threshold: float = _help(
         "Eigenvalues of the count-normalised K0K0ᵀ below this are taken as the null space.", default=2e-2
     )
+    nullspace_rule: str = _help(
+        "How each layer's null space is chosen: 'threshold' (the paper's: eigenvalues below nullspace_threshold) "
+        "or 'energy' (the smallest eigen-directions holding at most nullspace_energy of the trace, the same share "
+        "in every layer).", default="threshold")
+    nullspace_energy: float = _help(
+        "With nullspace_rule: energy, the share of K0K0ᵀ's trace the null space may hold (0.3: about what "
+        "nullspace_threshold 2e-2 leaves on SmolLM2's layers 4-8, 0.20-0.44).", default=0.3)
     L2: float = _help("Ridge term added to the constrained normal equations (Eq. 14).", default=10.0)
     mom2_dataset: str = _help(
         "Corpus for K0K0ᵀ: a local text file or folder, 'self' (text sampled from the model) "
@@ -171,6 +179,9 @@ class EditHyperParams:
         _require(self, "clamp_norm_factor", float, lambda v: v > 0, "a number > 0")
         _require(self, "kl_factor", float, lambda v: v >= 0, "a number >= 0")
         _require(self, "nullspace_threshold", float, lambda v: v > 0, "a number > 0")
+        if self.nullspace_rule not in NULLSPACE_RULES:
+            raise ValueError(f"nullspace_rule must be one of {NULLSPACE_RULES}, got {self.nullspace_rule!r}")
+        _require(self, "nullspace_energy", float, lambda v: 0 < v < 1, "a number in (0, 1)")
         _require(self, "L2", float, lambda v: v > 0, "a number > 0 (it keeps the solve well posed)")
         _require(self, "mom2_heldout_fraction", float, lambda v: 0 <= v < 1, "a number in [0, 1)")
         _require(self, "mom2_update_weight", float, lambda v: v >= 0, "a number >= 0")

@@ -134,10 +134,16 @@ def statistics_keys(model, hparams, templates: ModuleTemplates) -> Dict[int, dic
     } for layer in hparams.layers}
 
 
-def projector_key(statistics_key: dict, threshold: float, form: str = "dense") -> dict:
-    """The key of a cached projector; the dense form's key is the one earlier versions wrote."""
+def projector_key(statistics_key: dict, threshold: float, form: str = "dense", energy: Optional[float] = None) -> dict:
+    """The key of a cached projector; the dense form's key under the paper's rule is the one earlier versions
+    wrote."""
     return {**statistics_key, "kind": "projector", "threshold": threshold,
-            **({"form": form} if form != "dense" else {})}
+            **({"form": form} if form != "dense" else {}), **({"energy": energy} if energy is not None else {})}
+
+
+def null_space_energy(hparams) -> Optional[float]:
+    """The energy share of ``nullspace_rule: energy``, or None under the paper's threshold rule."""
+    return hparams.nullspace_energy if getattr(hparams, "nullspace_rule", "threshold") == "energy" else None
 
 
 def _file_stem(key: dict) -> str:
@@ -148,24 +154,25 @@ def statistics_path(root: Path, key: dict) -> Path:
     return root / "stats" / cache.slug(key["model"]) / f"{_file_stem(key)}__{cache.digest(key)}.pt"
 
 
-def projector_path(root: Path, key: dict, threshold: float, form: str = "dense") -> Path:
+def projector_path(root: Path, key: dict, threshold: float, form: str = "dense", energy: Optional[float] = None) -> Path:
     suffix = "" if form == "dense" else f"__{form}"
-    return (root / "stats" / cache.slug(key["model"]) / "projectors" /
-            f"{_file_stem(key)}__thr{threshold:g}{suffix}__{cache.digest(projector_key(key, threshold, form))}.pt")
+    rule = f"thr{threshold:g}" if energy is None else f"energy{energy:g}"
+    digest = cache.digest(projector_key(key, threshold, form, energy))
+    return root / "stats" / cache.slug(key["model"]) / "projectors" / f"{_file_stem(key)}__{rule}{suffix}__{digest}.pt"
 
 
 # ---------------------------------------------------------------------------
 def load_or_compute_null_spaces(model, tok, hparams, templates: ModuleTemplates) -> Dict[int, LayerNullSpace]:
     """The projector (and held-out keys) of every edited layer."""
     root = cache.cache_root(hparams.stats_dir)
-    threshold = hparams.nullspace_threshold
+    threshold, energy = hparams.nullspace_threshold, null_space_energy(hparams)
     keys = statistics_keys(model, hparams, templates)
     weights = {layer: weight_as_out_in(get_module(model, key["module"])) for layer, key in keys.items()}
     forms = {layer: projector_form(weight.shape[1], hparams.projector_form) for layer, weight in weights.items()}
     result: Dict[int, LayerNullSpace] = {}
     for layer, key in keys.items():
-        path = projector_path(root, key, threshold, forms[layer])
-        stored = cache.load_keyed(path, projector_key(key, threshold, forms[layer]))
+        path = projector_path(root, key, threshold, forms[layer], energy)
+        stored = cache.load_keyed(path, projector_key(key, threshold, forms[layer], energy))
         if stored is not None:
             projector = projector_from_file_entry(stored["projector"])
             logger.info("layer %d: using cached projector (null-space rank %d of %d, %s) from %s", layer,
@@ -178,7 +185,8 @@ def load_or_compute_null_spaces(model, tok, hparams, templates: ModuleTemplates)
 
         def projector_of(layer: int, stored: dict) -> LayerNullSpace:
             started = time.perf_counter()
-            space = _projector_from(stored, layer, threshold, root, keys[layer], forms[layer], weights[layer].device)
+            space = _projector_from(stored, layer, threshold, root, keys[layer], forms[layer], weights[layer].device,
+                                    energy)
             seconds[layer] = round(time.perf_counter() - started, 2)
             return space  # the moment itself is dropped here: one layer's moment in memory at a time
 
@@ -198,21 +206,23 @@ def eigh_device(layer_device: torch.device, d_in: int) -> torch.device:
 
 
 def _projector_from(stored: dict, layer: int, threshold: float, root: Path, key: dict, form: str,
-                    layer_device: torch.device) -> LayerNullSpace:
+                    layer_device: torch.device, energy: Optional[float] = None) -> LayerNullSpace:
     d_in = stored["moment"].shape[0]
     moment = stored["moment"].to(eigh_device(layer_device, d_in))
-    projector = null_space_projector(moment, threshold, name=f"layer {layer}", form=form)
+    projector = null_space_projector(moment, threshold, name=f"layer {layer}", form=form, energy=energy)
     del moment
-    logger.info("layer %d: null-space rank %d of %d (threshold %g, %d tokens)", layer, projector.rank, d_in,
-                threshold, stored["count"])
+    rule = f"threshold {threshold:g}" if energy is None else f"at most {energy:g} of the trace"
+    logger.info("layer %d: null-space rank %d of %d (%s, %d tokens)", layer, projector.rank, d_in, rule,
+                stored["count"])
     if projector.rank == d_in:
-        logger.warning("layer %d: every direction counts as null (threshold %g above all eigenvalues): the "
-                       "projection constrains nothing; lower nullspace_threshold", layer, threshold)
+        logger.warning("layer %d: every direction counts as null (%s): the projection constrains nothing; lower "
+                       "nullspace_threshold (or nullspace_energy)", layer, rule)
     kept = projector.stored.float().cpu()
     payload = {"projector": projector_file_entry(kept), "rank": projector.rank,
                "heldout_keys": stored["heldout_keys"], "token_count": int(stored["count"]),
                "eigenvalues": projector.eigenvalues}
-    cache.save_keyed(projector_path(root, key, threshold, form), projector_key(key, threshold, form), payload)
+    cache.save_keyed(projector_path(root, key, threshold, form, energy), projector_key(key, threshold, form, energy),
+                     payload)
     return LayerNullSpace(kept, projector.rank, stored["heldout_keys"], int(stored["count"]))
 
 

@@ -25,7 +25,7 @@ P is kept in one of two forms:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -35,6 +35,7 @@ class NullSpaceError(ValueError):
 
 
 FORMS = ("auto", "dense", "factored")
+RULES = ("threshold", "energy")  # how the null space is chosen: see null_space_mask
 FACTORED_FROM_WIDTH = 4096
 
 
@@ -112,9 +113,21 @@ def projector_form(d_in: int, form: str = "auto") -> str:
     return form
 
 
+def null_space_mask(eigenvalues: torch.Tensor, threshold: float, energy: Optional[float] = None) -> torch.Tensor:
+    """Which of the ascending ``eigenvalues`` span the null space: those below ``threshold`` (the paper's rule),
+    or with ``energy`` the smallest ones whose sum is at most that share of the trace (negative rounding
+    noise counted as 0)."""
+    if energy is None:
+        return eigenvalues < threshold
+    spectrum = eigenvalues.clamp_min(0)
+    return torch.cumsum(spectrum, 0) <= energy * spectrum.sum()
+
+
 def null_space_projector(second_moment: torch.Tensor, threshold: float, name: str = "layer",
-                         form: str = "dense") -> Projector:
-    """Projector onto the span of eigenvectors of ``second_moment`` with eigenvalue < ``threshold``, in ``form``.
+                         form: str = "dense", energy: Optional[float] = None) -> Projector:
+    """Projector onto the span of eigenvectors of ``second_moment`` with eigenvalue < ``threshold`` (or, with
+    ``energy``, the smallest ones holding at most that share of its trace; see :func:`null_space_mask`), in
+    ``form``.
 
     The eigendecomposition runs in float64 on the moment's device; the stored form is float32 (dense) or the
     float32 basis (factored)."""
@@ -128,8 +141,12 @@ def null_space_projector(second_moment: torch.Tensor, threshold: float, name: st
     moment = (moment + moment.T) / 2
     eigenvalues, eigenvectors = torch.linalg.eigh(moment)
     del moment
-    kept = eigenvalues < threshold
+    kept = null_space_mask(eigenvalues, threshold, energy)
     rank = int(kept.sum())
+    if rank == 0 and energy is not None:
+        smallest = float(eigenvalues[0].clamp_min(0) / eigenvalues.clamp_min(0).sum())
+        raise NullSpaceError(f"{name}: nullspace_energy {energy:g} leaves no null space: the smallest eigenvalue "
+                             f"alone holds {smallest:.3g} of the trace; raise nullspace_energy above that")
     if rank == 0:
         raise NullSpaceError(
             f"{name}: nullspace_threshold {threshold:g} leaves no null space: all {eigenvectors.shape[0]} eigenvalues "

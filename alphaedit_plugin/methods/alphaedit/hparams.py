@@ -23,3 +23,8 @@ class AlphaEditHyperParams(EditHyperParams):
     ALG_NAME: ClassVar[str] = ALG_NAME
     UNUSED_FIELDS: ClassVar[Tuple[str, ...]] = EditHyperParams.UNUSED_FIELDS + ("mom2_update_weight",)
     alg_name: str = _help("Must be AlphaEdit.", default=ALG_NAME)
+
+    @property
+    def label(self) -> str:
+        """``AlphaEdit``, or ``AlphaEdit+energy`` with the null space chosen by energy share."""
+        return self.alg_name + ("+energy" if self.nullspace_rule == "energy" else "")

@@ -8,10 +8,11 @@ its own (``alg_name: SPHERE``); AlphaEdit keeps its numbers.
 """
 
 from ...registry import register_method
+from ..alphaedit import null_space_rule_variants
 from .hparams import SPHEREHyperParams
 from .method import SPHERE
 from .soft_projection import principal_input_directions, soft_project
 
-register_method("SPHERE", SPHEREHyperParams, SPHERE)
+register_method("SPHERE", SPHEREHyperParams, SPHERE, null_space_rule_variants())
 
 __all__ = ["SPHERE", "SPHEREHyperParams", "principal_input_directions", "soft_project"]
