@@ -12,8 +12,8 @@ import yaml
 
 from alphaedit_plugin import (EditingState, MEMITHyperParams, PRUNEHyperParams, RECTHyperParams, StateMismatchError,
                               create_state)
-from alphaedit_plugin.bench import (BenchConfig, BenchmarkError, BenchmarkRunner, MethodOptions, RegisteredMethodRun,
-                                    available_methods, run_benchmark)
+from alphaedit_plugin.bench import (BenchConfig, BenchmarkError, BenchmarkPaused, BenchmarkRunner, MethodOptions,
+                                    RegisteredMethodRun, available_methods, run_benchmark)
 from alphaedit_plugin.bench.cli import build_parser, config_from_args, main
 from alphaedit_plugin.bench.methods import default_hparams_path, load_method_hparams
 
@@ -194,6 +194,24 @@ def test_resume_after_a_failed_batch_equals_an_uninterrupted_run(tmp_path, flaky
         assert float(total.abs().max()) > 0 and torch.equal(a.running_sums["raw_totals"][layer], total)
         assert torch.equal(a.reference_tensors["original_weights"][layer],
                            b.reference_tensors["original_weights"][layer])
+
+
+def test_a_run_in_parts_pauses_at_its_time_budget_and_continues_to_the_same_numbers(tmp_path):
+    model, tok = build_gpt2(), make_tokenizer()
+    before = weights_snapshot(model)
+    out = tmp_path / "run"
+    with pytest.raises(BenchmarkPaused, match=r"MEMIT\+P: paused after batch 1 of 2 .*run the same command again"):
+        run_benchmark(config(tmp_path, out, ("MEMIT+P",), time_budget_minutes=1e-9), model, tok)
+    assert_weights_unchanged(model, before)
+    assert not (out / "results.json").exists()  # a paused run is not reported as finished
+    assert json.loads((out / "methods" / "MEMIT+P" / "progress.json").read_text())["batches_done"] == 1
+    resumed = run_benchmark(config(tmp_path, out, ("MEMIT+P",)), model, tok)
+    fresh = run_benchmark(config(tmp_path, tmp_path / "fresh", ("MEMIT+P",)), model, tok)
+    assert resumed["methods"]["MEMIT+P"]["final"] == fresh["methods"]["MEMIT+P"]["final"]
+    assert [p["metrics"] for p in resumed["methods"]["MEMIT+P"]["curve"]] == \
+        [p["metrics"] for p in fresh["methods"]["MEMIT+P"]["curve"]]
+    with pytest.raises(ValueError, match="time budget must be a number of minutes > 0"):
+        config(tmp_path, out, ("MEMIT+P",), time_budget_minutes=0).validate()
 
 
 def test_a_resume_with_other_hparams_is_refused(tmp_path, flaky):

@@ -2,7 +2,7 @@
 
 from .methods import (BenchMethod, MethodOptions, RegisteredMethodRun, UneditedMethod, available_methods,
                       create_method)
-from .runner import BenchConfig, BenchmarkError, BenchmarkRunner, run_benchmark
+from .runner import BenchConfig, BenchmarkError, BenchmarkPaused, BenchmarkRunner, run_benchmark
 
-__all__ = ["BenchConfig", "BenchMethod", "BenchmarkError", "BenchmarkRunner", "MethodOptions", "RegisteredMethodRun",
-           "UneditedMethod", "available_methods", "create_method", "run_benchmark"]
+__all__ = ["BenchConfig", "BenchMethod", "BenchmarkError", "BenchmarkPaused", "BenchmarkRunner", "MethodOptions",
+           "RegisteredMethodRun", "UneditedMethod", "available_methods", "create_method", "run_benchmark"]

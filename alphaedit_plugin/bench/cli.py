@@ -31,7 +31,7 @@ from ..evaluation.scoring import EvalOptions
 from ..run_settings import canonical_dtype, check_device
 from .methods import (MethodOptions, available_methods, default_hparams_path, load_method_hparams,
                       method_uses_hparams)
-from .runner import BenchConfig, BenchmarkError, run_benchmark
+from .runner import BenchConfig, BenchmarkError, BenchmarkPaused, run_benchmark
 
 logger = logging.getLogger("alphaedit_plugin.bench")
 
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=0, help="also evaluate after every k-th batch (curves); 0: end only")
     p.add_argument("--output", required=True, help="output folder (results, plots, resume state)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="stop after the first batch that ends past this many minutes, its state saved, and exit 3; "
+                        "the same command continues (a run of many hours in parts)")
     p.add_argument("--skip-bad-records", action="store_true",
                    help="leave out (and log) records that fail the schema check instead of stopping")
     g = p.add_argument_group("hyperparameters (AlphaEdit and the baselines)")
@@ -163,7 +166,7 @@ def config_from_args(args, argv: Optional[List[str]] = None) -> BenchConfig:
         skip_bad_records=args.skip_bad_records,
         command=" ".join(shlex.quote(a) for a in ["alphaedit-bench", *(argv if argv is not None else sys.argv[1:])]),
         generation_at_curve_points=args.generation_every_point,
-        host_evaluators=args.host_evaluators,
+        host_evaluators=args.host_evaluators, time_budget_minutes=args.time_budget,
         method_options=options, model_dtype=model_dtype(args, options), trust_remote_code=args.trust_remote_code,
     )
 
@@ -199,6 +202,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         config = config_from_args(args, argv)
         results = run_benchmark(config, device=args.device)
+    except BenchmarkPaused as error:
+        logger.warning("%s", error)
+        return 3
     except (DatasetError, BenchmarkError, ValueError, FileNotFoundError) as error:
         logger.error("%s", error)
         return 2

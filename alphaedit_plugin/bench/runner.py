@@ -56,6 +56,10 @@ class BenchmarkError(RuntimeError):
     """The run cannot go on; what finished is saved in the output folder."""
 
 
+class BenchmarkPaused(BenchmarkError):
+    """The run stopped at its time budget after a saved batch; the same command continues it."""
+
+
 @dataclass
 class BenchConfig:
     methods: List[str]
@@ -85,6 +89,9 @@ class BenchConfig:
     command: Optional[str] = None  # the command line that started the run (recorded in the results)
     generation_at_curve_points: bool = False  # Fluency/CoT also at intermediate points (else: before and at the end)
     host_evaluators: bool = False  # KnowEdit: also score with EasyEdit's own evaluators (needs easyeditor)
+    # Stop after the first batch (or curve point) that ends past this many minutes of this process, its state
+    # saved: a run of many hours in parts (None: run to the end). Not part of the run's identity.
+    time_budget_minutes: Optional[float] = None
 
     def validate(self) -> None:
         if not self.methods:
@@ -98,6 +105,8 @@ class BenchConfig:
             raise ValueError(f"edits ({self.edits}) and batch_size ({self.batch_size}) must be at least 1")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.time_budget_minutes is not None and not self.time_budget_minutes > 0:
+            raise ValueError(f"time budget must be a number of minutes > 0, got {self.time_budget_minutes}")
         if self.general_tasks and not self.glue_dir:
             raise ValueError("general capability tasks given without glue_dir (the folder of sst2.json, mmlu.json, ...)")
 
@@ -172,6 +181,7 @@ class BenchmarkRunner:
     def __init__(self, config: BenchConfig, model, tok):
         config.validate()
         self.config, self.model, self.tok = config, model, tok
+        self.started = time.monotonic()  # for the time budget
         self.out = Path(config.output).expanduser()
         self.scorer = ModelScorer(model, tok)
         self.dataset = load_dataset(config.dataset, schema=config.schema, family=config.family,
@@ -368,6 +378,8 @@ class BenchmarkRunner:
                         progress["curve"].append(point)
                         logger.info("%s after %d edits: %s", name, edited, _headline(point["metrics"], self.family))
                     save(t + 1)
+                    if t + 1 < self.batches:
+                        self._pause_if_over_budget(name, t + 1, folder)
 
             final = self._evaluate(self.cases, reference["reference"])
             result: Dict[str, Any] = {
@@ -401,6 +413,14 @@ class BenchmarkRunner:
             with torch.no_grad():  # the next method starts from the original weights
                 for n, tensor in originals.items():
                     params[n].copy_(tensor)
+
+    def _pause_if_over_budget(self, name: str, batches_done: int, folder: Path) -> None:
+        budget = self.config.time_budget_minutes
+        if budget is None or time.monotonic() - self.started < 60 * budget:
+            return
+        raise BenchmarkPaused(f"{name}: paused after batch {batches_done} of {self.batches} (the time budget of "
+                              f"{budget:g} minutes is spent); the finished batches are saved in {folder}; run the "
+                              "same command again to continue")
 
     # -- everything ---------------------------------------------------------------
     def run(self) -> Dict[str, Any]:
