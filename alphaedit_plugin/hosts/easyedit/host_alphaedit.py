@@ -96,7 +96,7 @@ def host_alphaedit_hparams(model, hparams, templates, stats_dir: str):
     ours.update({
         "nullspace_threshold": hparams.nullspace_threshold, "L2": hparams.L2,
         "mom2_dataset": HOST_CORPUS_NAME, "stats_dir": stats_dir,
-        "P_loc": str(Path(stats_dir) / "null_space_project.pt"),  # absent: the host computes P
+        "P_loc": str(Path(stats_dir) / "null_space_project.pt"),  # written by compute_projectors (fix 3)
         "model_name": dispatch_model_name(model, templates.rewrite_module_tmp, hparams.layers[-1]),
     })
     return fill_host_class(host_class, ours, "run the plugin's AlphaEdit instead")
