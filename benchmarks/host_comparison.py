@@ -243,7 +243,7 @@ def markdown(summary: Dict[str, object], args) -> str:
                       f"{search:.1f} s, {search / floor['seconds']:.2f}x the floor."]
     machine = summary.get("machine") or {}
     lines += ["", f"Machine: {machine.get('device_name', '?')}, {machine.get('cpu_threads', '?')} threads, torch "
-                  f"{machine.get('torch', '?')}, transformers {machine.get('transformers', '?')}. Commands in "
+                  f"{machine.get('torch', '?')}, transformers {summary.get('transformers', '?')}. Commands in "
                   "`summary.json`."]
     return "\n".join(lines) + "\n"
 
@@ -282,6 +282,7 @@ def main(argv=None) -> int:
     summary["command"] = " ".join(["benchmarks/host_comparison.py", *(argv if argv is not None else sys.argv[1:])])
     summary["bench_commands"] = [" ".join(c[1:]) for c in commands]
     summary["platform"] = platform.platform()
+    summary["transformers"] = __import__("transformers").__version__
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     (output / "summary.md").write_text(markdown(summary, args))
     print(markdown(summary, args))
