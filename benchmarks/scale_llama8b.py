@@ -79,7 +79,10 @@ class MemoryMonitor:
                 self.peaks[self.current] = max(self.peaks.get(self.current, 0), self.rss())
             if self.report is not None and time.monotonic() - reported > self.report_every:
                 reported = time.monotonic()
-                self.report(dict(self.peaks))
+                try:
+                    self.report(dict(self.peaks))
+                except OSError as error:  # the sampling goes on; only this report is lost
+                    logger.warning("could not write the memory peaks: %s", error)
             time.sleep(self.interval)
 
     def phase(self, name: str, device: torch.device) -> None:
@@ -276,7 +279,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--blocks must be at least 9 (layers 4-8 are edited)")
     if args.corpus != "self" and not Path(args.corpus).exists():
         parser.error(f"statistics corpus not found at {args.corpus}; pass --corpus PATH or --corpus self")
-    output = Path(args.output)
+    output = Path(args.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     peaks_file = output / ("host_memory.json" if args.host else "memory.json")
 

@@ -23,10 +23,12 @@ run offline or on this model otherwise (none changes what it computes):
    ``"gpt2-xl"``: a ``Conv1D``) and fails with a ``NameError`` on any other
    name (SmolLM2's). The host hparams carry ``model_name`` ``"llama"`` or
    ``"gpt2-xl"`` by the edited module's kind.
-3. It writes ``null_space_project.pt`` into the working directory, and
-   recomputes P at every call unless ``P_loc`` names an existing file. Its
-   calls run in a scratch folder (removed with the object), where ``P_loc``
-   points and where its statistics are cached.
+3. It recomputes P at every call unless ``P_loc`` names an existing file,
+   and then writes it to ``null_space_project.pt`` in the working directory.
+   P is computed once, with the host's own ``get_project``, and saved where
+   ``P_loc`` points, in a scratch folder (removed with the object) that also
+   holds the host's statistics cache; the host then uses it and writes
+   nothing into the working directory.
 4. Its globals (``P``, ``P_loaded``, ``cache_c``, ``cache_c_new``,
    ``COV_CACHE``, ``CONTEXT_TEMPLATES_CACHE``) are reset before a run, and
    ``P``, ``cache_c`` and the context prefixes are what the benchmark saves
@@ -50,7 +52,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import tempfile
 import weakref
@@ -164,13 +165,8 @@ class HostAlphaEdit:
 
     @contextlib.contextmanager
     def _call(self, label: str) -> Iterator[None]:
-        previous = os.getcwd()
-        os.chdir(self.scratch)  # the host saves null_space_project.pt here (fix 3)
-        try:
-            with host_step_call(self.model, self.tok, self.hparams.device, label=label):
-                yield
-        finally:
-            os.chdir(previous)
+        with host_step_call(self.model, self.tok, self.hparams.device, label=label):
+            yield
 
     def reset(self) -> None:
         """The host's module globals as a fresh process has them (fix 4)."""
