@@ -243,12 +243,13 @@ class EditingState:
                 sums[l].shape != self.earlier_keys_kkt_sum[l].shape for l in sums):
             raise StateMismatchError(f"{path} holds key sums of layers {sorted(sums)} that do not fit this state's")
         device = {l: t.device for l, t in self.earlier_keys_kkt_sum.items()}
-        self.earlier_keys_kkt_sum = {l: t.to(device[l]) for l, t in sums.items()}
+        sums = {l: t.to(device[l]) for l, t in sums.items()}
         saved = {name: {l: t.to(device.get(l, t.device)) for l, t in _by_layer(group).items()}
                  for name, group in data.get("running_sums", {}).items()}
-        self.running_sums = {**self.running_sums, **saved}
-        self.edit_log = [_record_from_file(r) for r in data["edit_log"]]
-        self._undo = None
+        log = [_record_from_file(r) for r in data["edit_log"]]
+        # Everything read and checked: one assignment, as in commit.
+        self.__dict__.update(earlier_keys_kkt_sum=sums, running_sums={**self.running_sums, **saved}, edit_log=log,
+                             _undo=None)
         return self
 
     @classmethod

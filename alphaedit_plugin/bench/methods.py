@@ -105,11 +105,6 @@ class RegisteredMethodRun(BenchMethod):
 
         return templates_for(self.model, self.hparams)
 
-    def _device(self):
-        from ..edit_loop import state_device
-
-        return state_device(self.model, self.hparams)
-
     def edited_parameters(self):
         template = self._templates().rewrite_module_tmp
         return [f"{template.format(layer)}.weight" for layer in self.hparams.layers]
@@ -204,9 +199,11 @@ class HostAlphaEditRun(BenchMethod):
         self.host.load_state(torch.load(Path(folder) / self.STATE_FILE, weights_only=True))
 
     def describe(self):
+        host = describe_hparams_object(self.host.host_hparams)
+        for scratch_path in ("stats_dir", "P_loc"):  # new in every process: not a setting
+            host.pop(scratch_path, None)
         return {"label": self.name, "code": "easyeditor.models.alphaedit.AlphaEdit_main.apply_AlphaEdit_to_model",
-                "hparams": describe_hparams(self.hparams), "host_hparams": {k: v for k, v in describe_hparams_object(self.host.host_hparams).items()
-                                 if k not in ("stats_dir", "P_loc")}}  # scratch paths, new in every process
+                "hparams": describe_hparams(self.hparams), "host_hparams": host}
 
 
 # ---------------------------------------------------------------------------
@@ -218,17 +215,19 @@ def apply_overrides(hparams: Any, overrides: Dict[str, Any], label: str) -> None
         setattr(hparams, name, value)
 
 
-def describe_hparams(hparams: Any) -> Dict[str, Any]:
-    fields = hparams.method_fields() if hasattr(hparams, "method_fields") else {}
+def _as_json_values(fields: Dict[str, Any]) -> Dict[str, Any]:
     return {k: (v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v)) for k, v in fields.items()}
+
+
+def describe_hparams(hparams: Any) -> Dict[str, Any]:
+    return _as_json_values(hparams.method_fields() if hasattr(hparams, "method_fields") else {})
 
 
 def describe_hparams_object(hparams: Any) -> Dict[str, Any]:
     """Every dataclass field of a (host) hyperparameter object, as JSON values."""
     import dataclasses
 
-    fields = {f.name: getattr(hparams, f.name) for f in dataclasses.fields(hparams)}
-    return {k: (v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v)) for k, v in fields.items()}
+    return _as_json_values({f.name: getattr(hparams, f.name) for f in dataclasses.fields(hparams)})
 
 
 def default_hparams_path(label: str, model: str) -> Optional[Path]:
