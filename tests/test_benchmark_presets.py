@@ -80,10 +80,10 @@ def test_the_scale_benchmark_runs_the_hosts_alphaedit_at_a_small_width(tmp_path)
     corpus.write_text("\n".join(f"The city number {i} lies on the river and has a large old market square." * 3
                                 for i in range(12)) + "\n")
     output = tmp_path / "scale"
-    code = preset("scale_llama8b").main(["--shape", "small", "--blocks", "9", "--edits", "2", "--batch-size", "2",
-                                         "--samples", "12", "--v-steps", "2", "--host", "--corpus", str(corpus),
-                                         "--data", str(tmp_path / "none.json"), "--output", str(output)])
-    assert code == 0
+    argv = ["--shape", "small", "--blocks", "9", "--edits", "2", "--batch-size", "2", "--samples", "12",
+            "--v-steps", "2", "--host", "--corpus", str(corpus), "--data", str(tmp_path / "none.json"),
+            "--output", str(output)]
+    assert preset("scale_llama8b").main(argv) == 0
     figures = json.loads((output / "host_results.json").read_text())["figures"]
     assert len(figures["statistics_seconds_per_layer"]) == 5 and len(figures["svd_seconds_per_layer"]) == 5
     assert figures["state_bytes"]["P"] == 5 * 512 * 512 * 4 == figures["state_bytes"]["cache_c"]
@@ -92,3 +92,10 @@ def test_the_scale_benchmark_runs_the_hosts_alphaedit_at_a_small_width(tmp_path)
     assert run["edits"] == 2 and run["seconds_per_edit"] > 0 and run["peak_rss_beyond_weights_gb"] is not None
     assert set(figures["peak_rss_beyond_weights_gb"]) == {"host_statistics_and_projectors", "host_edit_batch_2"}
     assert (output / "host_work" / "null_space_project.pt").is_file()  # its P, where the host keeps it
+
+    # Run again (as after a stop during the edits): the host's P and statistics come from its own files and the
+    # figures of the run that computed them stand.
+    assert preset("scale_llama8b").main(argv) == 0
+    again = json.loads((output / "host_results.json").read_text())["figures"]
+    assert again["svd_seconds_per_layer"] == figures["svd_seconds_per_layer"]
+    assert again["edits"][0]["edits"] == 2
