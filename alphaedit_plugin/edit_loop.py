@@ -37,7 +37,7 @@ from .context_templates import generate_context_templates
 from .corpus import corpus_identity, max_positions
 from .edit_outcome import achieved_probabilities, key_energies, took, why_not_taken
 from .errors import DeltaError, EditError
-from .layer_statistics import (load_or_compute_null_spaces, load_second_moments, model_identity,
+from .layer_statistics import (load_or_compute_null_spaces, load_second_moments, model_identity, null_space_energy,
                                unedited_weights_fingerprint)
 from .layer_spreading import spread_residual
 from .methods.base import EditMethod
@@ -134,7 +134,7 @@ def state_identity(model, hparams, templates: ModuleTemplates, method: Optional[
         "rewrite_module_tmp": templates.rewrite_module_tmp,
         "nullspace_threshold": hparams.nullspace_threshold,
         # only under the energy rule: the identities of states made under the paper's rule stay as they were
-        **({"nullspace_energy": hparams.nullspace_energy} if hparams.nullspace_rule == "energy" else {}),
+        **({"nullspace_energy": energy} if (energy := null_space_energy(hparams)) is not None else {}),
         "mom2": corpus_identity(hparams.mom2_dataset, hparams.mom2_max_tokens, hparams.seed),
         "mom2_n_samples": hparams.mom2_n_samples,
         "unedited_weights": unedited_weights_fingerprint(model, templates, hparams.layers),

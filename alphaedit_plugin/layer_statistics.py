@@ -143,7 +143,7 @@ def projector_key(statistics_key: dict, threshold: float, form: str = "dense", e
 
 def null_space_energy(hparams) -> Optional[float]:
     """The energy share of ``nullspace_rule: energy``, or None under the paper's threshold rule."""
-    return hparams.nullspace_energy if getattr(hparams, "nullspace_rule", "threshold") == "energy" else None
+    return hparams.nullspace_energy if hparams.nullspace_rule == "energy" else None
 
 
 def _file_stem(key: dict) -> str:

@@ -1,13 +1,16 @@
-"""Input checks the benchmark scripts share: the CounterFact file and the statistics corpus.
+"""What the benchmark scripts share: input checks (the CounterFact file, the statistics corpus) and timing.
 
-Each returns a message for the user instead of raising, so the scripts can log it and exit with 2.
+Each check returns a message for the user instead of raising, so the scripts can log it and exit with 2.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 
 def counterfact_records(path: str, edits: int) -> Tuple[Optional[List[dict]], Optional[str]]:
@@ -42,3 +45,26 @@ def run_bench(argv: List[str]) -> int:
     from alphaedit_plugin.bench.cli import main as bench_main
 
     return bench_main(argv)
+
+
+@contextlib.contextmanager
+def timed_calls(owner, name: str, seconds: List[float], then: Optional[Callable[[], None]] = None) -> Iterator[None]:
+    """While open, append the seconds of every call of ``owner.name`` to ``seconds``, then call ``then()``
+    (instrumentation only; the attribute is put back afterwards)."""
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def timed(*args, **kwargs):
+        began = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - began)
+            if then is not None:
+                then()
+
+    setattr(owner, name, timed)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)

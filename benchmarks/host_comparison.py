@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import torch
-from common import corpus_problem, counterfact_records
+from common import corpus_problem, counterfact_records, timed_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -62,26 +61,6 @@ def host_environment(host: str) -> Dict[str, str]:
 # ---------------------------------------------------------------------------
 # Where the time goes
 # ---------------------------------------------------------------------------
-@contextlib.contextmanager
-def timed(owner, name: str, totals: Dict[str, float]):
-    """Add the seconds spent in ``owner.name`` to ``totals[name]`` while open (instrumentation only)."""
-    original = getattr(owner, name)
-
-    @functools.wraps(original)
-    def wrapper(*a, **k):
-        started = time.perf_counter()
-        try:
-            return original(*a, **k)
-        finally:
-            totals[name] = totals.get(name, 0.0) + time.perf_counter() - started
-
-    setattr(owner, name, wrapper)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
-
-
 def search_rows(tok, requests, context_templates):
     """The search's rows as token ids: every context prefix + prompt + target (less its last token), and the
     KL prompt; with the number of answer positions read in each."""
@@ -155,7 +134,7 @@ def breakdown(args) -> Dict[str, object]:
     hparams.stats_dir = str(Path(args.output) / ".statistics")
     model, tok = load_smollm2()
     state = edit_loop.create_state(model, tok, hparams)
-    totals: Dict[str, float] = {}
+    calls: Dict[str, List[float]] = {}
     searched = {"tokens": 0}
     original_targets, original_inputs = PluginSteps.compute_targets, compute_targets._Batch.forward_inputs
 
@@ -175,8 +154,9 @@ def breakdown(args) -> Dict[str, object]:
         stack.callback(setattr, compute_targets._Batch, "forward_inputs", original_inputs)
         for owner, name in ((PluginSteps, "compute_targets"), (PluginSteps, "compute_keys"),
                             (edit_loop, "solve_layer"), (edit_loop, "_measure_outcome"), (edit_loop, "apply_to_model")):
-            stack.enter_context(timed(owner, name, totals))
+            stack.enter_context(timed_calls(owner, name, calls.setdefault(name, [])))
         edit_loop.apply_to_model(model, tok, requests, hparams, state=state)
+    totals = {name: sum(seconds) for name, seconds in calls.items()}
     floor = floor_step_seconds(model, tok, normalise_requests(requests), hparams, state.context_templates)
     parts = {"target_search": totals["compute_targets"], "keys": totals["compute_keys"],
              "solve": totals["solve_layer"], "outcome_check": totals["_measure_outcome"]}

@@ -30,7 +30,6 @@ CounterFact records (``--data``) or the demo's facts.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+from common import timed_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -161,28 +161,6 @@ def describe_run(args, argv, hparams, device) -> Dict[str, object]:
     }
 
 
-@contextlib.contextmanager
-def timing(owner, name: str, record: List[float], then=None):
-    """Append the seconds of every call of ``owner.name`` to ``record`` while open, then call ``then()``
-    (instrumentation only)."""
-    original = getattr(owner, name)
-
-    def timed(*a, **k):
-        began = time.perf_counter()
-        try:
-            return original(*a, **k)
-        finally:
-            record.append(round(time.perf_counter() - began, 2))
-            if then is not None:
-                then()
-
-    setattr(owner, name, timed)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
-
-
 def run_host(args, model, tok, hparams, templates, monitor, device, after_weights, output, progress,
              progress_file) -> Dict[str, object]:
     """The current EasyEdit's AlphaEdit on the same model, texts and records: its memory and times."""
@@ -200,30 +178,25 @@ def run_host(args, model, tok, hparams, templates, monitor, device, after_weight
     statistics, projectors = [], []
 
     def layer_done() -> None:  # after each layer's projector: what a stopped run had finished
-        figures["statistics_seconds_per_layer"] = statistics  # its layer_stats (cached in host_work after a stop)
+        # its layer_stats (cached in host_work after a stop), then its SVD
+        figures["statistics_seconds_per_layer"] = [round(c, 2) for c in statistics]
         figures["svd_seconds_per_layer"] = [round(p - c, 2) for p, c in zip(projectors, statistics)]
         figures["peak_rss_beyond_weights_gb"] = {"host_statistics_and_projectors": round(
             (monitor.peaks["host_statistics_and_projectors"] - after_weights) / 1e9, 2)}
         progress["statistics_and_projectors"] = figures
         progress_file.write_text(json.dumps(progress, indent=2))
 
-    saved_p = Path(host.host_hparams.P_loc)
     done = progress.get("statistics_and_projectors", {})
-    if saved_p.is_file() and "statistics_and_projectors_seconds" in done:
+    if "statistics_and_projectors_seconds" in done and host.load_saved_projector():
         # A stopped run computed them: its figures stand, and the host's own files bring back what it held
-        # when its edits began (P from P_loc, as the host loads it; its COV_CACHE from its statistics cache).
-        logger.info("host statistics and projectors: from the run that computed them (%s)", saved_p)
+        # when its edits began.
+        logger.info("host statistics and projectors: from the run that computed them (%s)", host.host_hparams.P_loc)
         figures.update(done)
-        host.load_state({"P": torch.load(saved_p, weights_only=True), "cache_c": None, "context_templates": None})
-        template, hp = templates.rewrite_module_tmp, host.host_hparams
-        with host._named_for_its_cache(), host._call("easyeditor AlphaEdit statistics (cached)"):
-            for layer in hp.layers:
-                host.main.get_cov(model, tok, template.format(layer), hp.mom2_dataset, hp.mom2_n_samples,
-                                  hp.mom2_dtype, hparams=hp)
     else:
         monitor.phase("host_statistics_and_projectors", device)
         began = time.perf_counter()
-        with timing(host.main, "get_cov", statistics), timing(host.main, "get_project", projectors, then=layer_done):
+        with timed_calls(host.main, "get_cov", statistics), \
+                timed_calls(host.main, "get_project", projectors, then=layer_done):
             host.compute_projectors(kept)
         figures["statistics_and_projectors_seconds"] = round(time.perf_counter() - began, 1)
         figures["state_bytes"] = {"P": tensor_bytes(host.main.P)}
@@ -234,14 +207,14 @@ def run_host(args, model, tok, hparams, templates, monitor, device, after_weight
     for batch_size in args.batch_size:
         monitor.phase(f"host_edit_batch_{batch_size}", device)
         began = time.perf_counter()
-        with timing(torch.linalg, "solve", solves):
+        with timed_calls(torch.linalg, "solve", solves):
             for start in range(0, len(requests), batch_size):
                 host.edit(requests[start:start + batch_size])
         seconds = time.perf_counter() - began
         runs.append({"batch_size": batch_size, "edits": len(requests),
                      "seconds_per_edit": round(seconds / len(requests), 2)})
     figures["state_bytes"]["cache_c"] = tensor_bytes(host.main.cache_c)
-    figures["solve_seconds"] = solves  # one per layer and batch: torch.linalg.solve of its d x d system
+    figures["solve_seconds"] = [round(s, 2) for s in solves]  # per layer and batch: torch.linalg.solve, d x d
     for run in runs:
         run["peak_rss_beyond_weights_gb"] = round((monitor.peaks[f"host_edit_batch_{run['batch_size']}"]
                                                    - after_weights) / 1e9, 2)

@@ -63,7 +63,7 @@ import torch
 from ...architectures import get_module, is_transposed, weight_as_out_in
 from ...requests import normalise_requests
 from .compat import host_step_call
-from .memit_steps import HostUnavailableError, fill_host_class, host_fields, host_request
+from .memit_steps import fill_host_class, host_fields, host_request, import_host
 
 logger = logging.getLogger(__name__)
 
@@ -73,16 +73,11 @@ GLOBALS = ("P", "P_loaded", "cache_c", "cache_c_new")
 
 def host_alphaedit_modules():
     """``(AlphaEdit_main module, layer_stats module, AlphaEditHyperParams class)`` of the installed host."""
-    try:
-        from easyeditor.models.alphaedit import AlphaEdit_main
-        from easyeditor.models.alphaedit.AlphaEdit_hparams import AlphaEditHyperParams
-        from easyeditor.models.rome import layer_stats
-    except Exception as error:  # ImportError, or a host whose import breaks on this transformers
-        raise HostUnavailableError(
-            f"AlphaEdit@host needs the current EasyEdit source (easyeditor with models/alphaedit) on sys.path; "
-            f"importing it failed with {type(error).__name__}: {error}. Put ../shared/hosts/EasyEdit on "
-            "PYTHONPATH") from error
-    return AlphaEdit_main, layer_stats, AlphaEditHyperParams
+    return import_host(
+        ("easyeditor.models.alphaedit.AlphaEdit_main", "easyeditor.models.rome.layer_stats",
+         "easyeditor.models.alphaedit.AlphaEdit_hparams:AlphaEditHyperParams"),
+        "AlphaEdit@host needs the current EasyEdit source (easyeditor with models/alphaedit) on sys.path",
+        "Put ../shared/hosts/EasyEdit on PYTHONPATH")
 
 
 def dispatch_model_name(model, rewrite_module_tmp: str, layer: int) -> str:
@@ -196,13 +191,29 @@ class HostAlphaEdit:
         runs when ``P_loc`` does not exist, called on its own so that its time is reported apart."""
         self.reset()
         host = self.host_hparams
-        d_in = weight_as_out_in(get_module(self.model, self.templates.rewrite_module_tmp.format(host.layers[-1])))
-        projectors = torch.zeros((len(host.layers), d_in.shape[1], d_in.shape[1]), device="cpu")  # as the host does
+        weight = weight_as_out_in(get_module(self.model, self.templates.rewrite_module_tmp.format(host.layers[-1])))
+        d_in = weight.shape[1]
+        projectors = torch.zeros((len(host.layers), d_in, d_in), device="cpu")  # allocated as the host does
         with host_reads_sequences(sequences), self._named_for_its_cache(), \
                 self._call("easyeditor AlphaEdit statistics"):
             for i, layer in enumerate(host.layers):
                 projectors[i, :, :] = self.main.get_project(self.model, self.tok, layer, host)
         self._keep_projector(projectors)
+
+    def load_saved_projector(self) -> bool:
+        """Start as the host's first edit would after a finished ``compute_projectors`` in another process: P
+        from ``P_loc`` (as the host loads it) and its ``COV_CACHE`` from its own statistics cache, so that what
+        it holds is what an uninterrupted run holds. False, changing nothing, where ``P_loc`` is absent."""
+        saved = Path(self.host_hparams.P_loc)
+        if not saved.is_file():
+            return False
+        self.load_state({"P": torch.load(saved, weights_only=True), "cache_c": None, "context_templates": None})
+        host = self.host_hparams
+        with self._named_for_its_cache(), self._call("easyeditor AlphaEdit statistics (cached)"):
+            for layer in host.layers:
+                self.main.get_cov(self.model, self.tok, self.templates.rewrite_module_tmp.format(layer),
+                                  host.mom2_dataset, host.mom2_n_samples, host.mom2_dtype, hparams=host)
+        return True
 
     def edit(self, requests: List[Dict[str, Any]]) -> None:
         """One batch through the host's ``apply_AlphaEdit_to_model``, as ``BaseEditor.batch_edit`` calls it."""

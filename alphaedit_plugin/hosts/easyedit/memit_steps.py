@@ -35,6 +35,7 @@ output, its right-padding assumption and its clearing of ``requires_grad``.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -53,18 +54,29 @@ class HostUnavailableError(ImportError):
     """``memit_steps: easyeditor`` was asked for, but the host package cannot be imported."""
 
 
+def import_host(names: Sequence[str], needed_by: str, remedy: str) -> tuple:
+    """The host's objects named ``"module"`` or ``"module:attribute"`` (``easyeditor.models.memit:compute_z``),
+    or a :class:`HostUnavailableError` that says what needs them, what the import raised and ``remedy``."""
+    found = []
+    try:
+        for name in names:
+            module_name, _, attribute = name.partition(":")
+            module = importlib.import_module(module_name)
+            found.append(getattr(module, attribute) if attribute else module)
+    except Exception as error:  # ImportError, or a host whose import breaks on this transformers
+        raise HostUnavailableError(f"{needed_by}; importing it failed with {type(error).__name__}: {error}. "
+                                   f"{remedy}") from error
+    return tuple(found)
+
+
 def host_memit_modules():
     """``(compute_z module, compute_ks module, MEMITHyperParams class)`` of the installed host."""
-    try:
-        from easyeditor.models.memit import compute_ks, compute_z
-        from easyeditor.models.memit.memit_hparams import MEMITHyperParams
-    except Exception as error:  # ImportError, or a host whose import breaks on this transformers
-        raise HostUnavailableError(
-            f"memit_steps: easyeditor needs the EasyEdit host package (easyeditor) with its MEMIT "
-            f"(easyeditor.models.memit); importing it failed with {type(error).__name__}: {error}. "
-            "Put the EasyEdit source on sys.path (or install it), or set memit_steps: plugin"
-        ) from error
-    return compute_z, compute_ks, MEMITHyperParams
+    return import_host(
+        ("easyeditor.models.memit.compute_z", "easyeditor.models.memit.compute_ks",
+         "easyeditor.models.memit.memit_hparams:MEMITHyperParams"),
+        "memit_steps: easyeditor needs the EasyEdit host package (easyeditor) with its MEMIT "
+        "(easyeditor.models.memit)",
+        "Put the EasyEdit source on sys.path (or install it), or set memit_steps: plugin")
 
 
 def _parameter_name(model, tensor: torch.Tensor, fallback: str) -> str:
