@@ -89,7 +89,7 @@ class BenchConfig:
     command: Optional[str] = None  # the command line that started the run (recorded in the results)
     generation_at_curve_points: bool = False  # Fluency/CoT also at intermediate points (else: before and at the end)
     host_evaluators: bool = False  # KnowEdit: also score with EasyEdit's own evaluators (needs easyeditor)
-    # Stop after the first batch (or curve point) that ends past this many minutes of this process, its state
+    # Stop after the first batch (or curve point) that ends past this many minutes since the runner started, its state
     # saved: a run of many hours in parts (None: run to the end). Not part of the run's identity.
     time_budget_minutes: Optional[float] = None
 
