@@ -277,27 +277,25 @@ def apply_update(model, requests: Sequence[EditRequest], hparams, state: Editing
     check_deltas(method.label, changes, before)
 
     originals = {layer: module.weight.detach().clone() for layer, module in modules.items()}
+    record, written = None, False
+    # One try from the first write to the commit: an interrupt anywhere in between (also between the writes and
+    # the record) puts the weights back, so that weights and state are both as before or both as after.
     try:
         for layer in hparams.layers:
             add_to_weight(modules[layer], changes[layer])
             if not torch.isfinite(modules[layer].weight).all():
                 raise FloatingPointError(f"layer {layer}: the edited weight holds NaN or inf")
-    except BaseException as error:  # KeyboardInterrupt between two layer writes too
-        _restore(modules, originals)
-        if isinstance(error, Exception):
-            raise EditError(f"{method.label} failed while writing, weights unchanged: {error}") from error
-        raise
-
-    record = None
-    try:
+        written = True
         record = _record(requests, changes, before, update, state, time.perf_counter() - started)
         if tok is not None:
             _measure_outcome(model, tok, requests, update, state, method, record)
         state.commit(update.keys, record, running_sums)
-    except BaseException as error:
+    except BaseException as error:  # KeyboardInterrupt too
         if record is not None and state.edit_log and state.edit_log[-1] is record:
             raise  # interrupted right after the commit: the edit is whole, in the weights and in the state
         _restore(modules, originals)  # the state is unchanged: put the weights back as well
+        if isinstance(error, Exception) and not written:
+            raise EditError(f"{method.label} failed while writing, weights unchanged: {error}") from error
         if isinstance(error, Exception):
             raise EditError(f"{method.label} failed while recording the edit, weights unchanged: "
                             f"{type(error).__name__}: {error}") from error
