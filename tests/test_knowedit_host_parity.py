@@ -539,3 +539,36 @@ def test_the_benchmark_scores_knowedit_with_the_hosts_evaluators_too(tmp_path):
     assert "Scored by EasyEdit's own evaluators" in (tmp_path / "run" / "results.md").read_text()
     with pytest.raises(BenchmarkError, match="--host-evaluators scores KnowEdit runs"):
         run_benchmark(config("counterfact_flat.json", "cf"), model, tok)
+
+
+def test_host_fluency_unavailable_names_the_missing_nltk_data(monkeypatch):
+    import nltk
+
+    def missing(resource, *args, **kwargs):
+        raise LookupError(resource)
+
+    monkeypatch.setattr(nltk.data, "find", missing)
+    assert "punkt_tab" in knowedit.host_fluency_unavailable()
+    monkeypatch.setattr(nltk.data, "find", lambda resource, *args, **kwargs: resource)
+    assert knowedit.host_fluency_unavailable() is None
+
+
+def test_the_benchmark_scores_the_rest_with_the_hosts_evaluators_without_nltk_data(tmp_path, monkeypatch, caplog):
+    """Offline, NLTK's punkt_tab data is missing and the host's Fluency cannot run: the run says so before any
+    work, scores the host's other figures and the plugin's own Fluency, and notes what is missing."""
+    from alphaedit_plugin.bench import BenchConfig, MethodOptions, run_benchmark
+    from alphaedit_plugin.evaluation import EvalOptions
+    from conftest import build_llama, exact_hparams
+
+    monkeypatch.setattr(knowedit, "host_fluency_unavailable", lambda: "NLTK's punkt_tab data is not installed")
+    model, tok = build_llama(), host_tokenizer()
+    options = {"AlphaEdit": MethodOptions(hparams=exact_hparams(tmp_path, "llama", v_num_grad_steps=8))}
+    config = BenchConfig(methods=["AlphaEdit"], dataset=str(FIXTURES / "knowedit_recent.json"), edits=2,
+                         batch_size=2, output=str(tmp_path / "run"), model_name="tiny-llama", method_options=options,
+                         plots=False, host_evaluators=True, eval=EvalOptions(fluency=True, generation_tokens=16))
+    with caplog.at_level("WARNING"):
+        results = run_benchmark(config, model, tok)
+    assert "will score no Fluency" in caplog.text
+    assert results["pre_host"]["fluency"] is None and results["methods"]["AlphaEdit"]["final_host"]["fluency"] is None
+    assert results["pre"]["fluency"] > 0 and results["methods"]["AlphaEdit"]["final"]["fluency"] > 0
+    assert "EasyEdit's Fluency not scored: NLTK's punkt_tab" in (tmp_path / "run" / "results.md").read_text()

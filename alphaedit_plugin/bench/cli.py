@@ -81,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--generation-every-point", action="store_true",
                    help="also compute the generated-text metrics (Fluency, Consistency, MQuAKE CoT) at the "
                         "intermediate --eval-every points; by default only before editing and at the end")
+    e.add_argument("--curve-sample", type=int, default=0, metavar="N",
+                   help="score each curve point on N of the cases edited so far, spread evenly from the oldest "
+                        "to the newest (0: all of them); the final figures score every edited case")
+    e.add_argument("--perplexity", type=int, default=0, metavar="N",
+                   help="perplexity at every point on N texts of the statistics corpus that the statistics leave "
+                        "out (mom2_heldout_fraction); 0: off")
+    e.add_argument("--null-space-curve", action="store_true",
+                   help="at every point, how many directions of each edited layer's null space the edits so far "
+                        "occupy and leave (methods with a null space)")
     e.add_argument("--fluency-prompts", type=int, default=1, help="generation prompts per case")
     e.add_argument("--generation-tokens", type=int, default=100, help="new tokens per Fluency/LEME generation")
     e.add_argument("--reference-snippets", default=None, help="ROME attribute_snippets.json for Consistency")
@@ -166,6 +175,7 @@ def config_from_args(args, argv: Optional[List[str]] = None) -> BenchConfig:
         skip_bad_records=args.skip_bad_records,
         command=" ".join(shlex.quote(a) for a in ["alphaedit-bench", *(argv if argv is not None else sys.argv[1:])]),
         generation_at_curve_points=args.generation_every_point,
+        curve_sample=args.curve_sample, perplexity_texts=args.perplexity, null_space_curve=args.null_space_curve,
         host_evaluators=args.host_evaluators, time_budget_minutes=args.time_budget,
         method_options=options, model_dtype=model_dtype(args, options), trust_remote_code=args.trust_remote_code,
     )

@@ -78,6 +78,11 @@ class BenchMethod:
         first batch), on held-out corpus keys; None where the method has no such keys."""
         return None
 
+    def capacity(self) -> Optional[Dict[str, Dict[str, int]]]:
+        """Per edited layer, the null space's dimension and how much of it the edits so far occupy and leave
+        (:func:`..null_space_capacity.null_space_occupancy`); None where the method has no null space."""
+        return None
+
 
 class UneditedMethod(BenchMethod):
     """Makes no edit: the baseline row (the unedited model scored like the others)."""
@@ -151,6 +156,18 @@ class RegisteredMethodRun(BenchMethod):
             now = weight_as_out_in(module).detach()
             result[str(layer)] = preservation_ratio(now - original, original, keys.to(original.device))
         return result or None
+
+    def capacity(self):
+        from ..null_space_capacity import null_space_occupancy
+
+        terms = registry.method_for(self.hparams).solve_terms()
+        if not (terms.projection and terms.earlier_keys) or self.state is None:
+            return None
+        tolerance = terms.ridge if terms.ridge > 0 else 1.0
+        return {str(layer): null_space_occupancy(self.state.null_spaces[layer].projector,
+                                                 self.state.earlier_keys_kkt_sum[layer],
+                                                 self.state.null_spaces[layer].rank, tolerance)
+                for layer in self.state.layers}
 
 
 class HostAlphaEditRun(BenchMethod):

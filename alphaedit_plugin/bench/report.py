@@ -5,6 +5,8 @@ Plots (matplotlib, optional: without it the run logs a warning and writes no PNG
 - ``plot_<metric>.png``: the metric against the number of edits, one line per method
   (points at 0 edits, the unedited model, shared by all methods; after every ``eval_every``
   batches; and after the last);
+- ``plot_perplexity.png``: held-out perplexity (``--perplexity``) and ``plot_null_space_left.png``: the
+  null-space directions the edits have left, summed over the edited layers (``--null-space-curve``);
 - ``general_<task>.png``: general-capability F1 (likelihood) against edits, also from 0 edits;
 - ``representation.png``: the 2-D projection of hidden states before and after each method.
 """
@@ -35,18 +37,23 @@ def markdown_table(results: Dict[str, Any]) -> str:
                 or isinstance(results["pre"].get(m), (int, float))]
     tasks = sorted((results.get("general_pre") or {}).keys())
     preserved = any(r.get("preservation") for r in results["methods"].values())
+    perplexity = isinstance(results.get("perplexity_pre"), (int, float))
     head = ["Method", "Edits"] + [LABELS.get(m, m) for m in headline] + [f"{t} F1" for t in tasks] + ["s/edit"]
+    head += ["Held-out ppl"] if perplexity else []
     head += ["‖ΔW·K0‖/‖W·K0‖"] if preserved else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     pre_general = results.get("general_pre") or {}
     lines.append("| " + " | ".join(["(before editing)", "0"] + [_fmt(results["pre"].get(m)) for m in headline]
                                    + [_fmt(100 * pre_general[t]["f1_new"]) for t in tasks] + [""]
+                                   + ([_fmt(results["perplexity_pre"])] if perplexity else [])
                                    + (["0"] if preserved else [])) + " |")
     for name, r in results["methods"].items():
         general = r.get("general") or {}
         cells = [name, str(r["edits"])] + [_fmt(r["final"].get(m)) for m in headline]
         cells += [_fmt(100 * general[t]["f1_new"]) if t in general else "n/a" for t in tasks]
         cells.append(_fmt(r.get("seconds_per_edit")))
+        if perplexity:
+            cells.append(_fmt(r.get("perplexity")))
         if preserved:
             values = list((r.get("preservation") or {}).values())
             cells.append(f"{sum(values) / len(values):.3f}" if values else "n/a")
@@ -66,10 +73,43 @@ def markdown_table(results: Dict[str, Any]) -> str:
         text += ["", "Scored by EasyEdit's own evaluators (`--host-evaluators`: the KnowEdit script's inputs, first "
                      "alias only, left-padded batches per kind; docs/evaluation.md):", ""]
         text += _host_table(results, headline)
+    text += curve_table(results, headline)
     notes = sorted({n for r in results["methods"].values() for n in r["final"].get("notes", [])})
     if notes:
         text += ["", "Notes:"] + [f"- {n}" for n in notes]
     return "\n".join(text) + "\n"
+
+
+def null_space_left(point: Dict[str, Any]) -> Optional[tuple]:
+    """``(directions left, null-space directions)`` summed over a point's edited layers, or None."""
+    layers = (point.get("null_space") or {}).values()
+    return (sum(v["left"] for v in layers), sum(v["null_space"] for v in layers)) if layers else None
+
+
+def curve_table(results: Dict[str, Any], headline: List[str]) -> List[str]:
+    """Every curve point of every method (none where no method has a point between 0 edits and the last)."""
+    points = [p for r in results["methods"].values() for p in r["curve"]]
+    if not any(0 < p["edits"] < r["edits"] for r in results["methods"].values() for p in r["curve"]):
+        return []
+    perplexity = any(isinstance(p.get("perplexity"), (int, float)) for p in points)
+    capacity = any(p.get("null_space") for p in points)
+    head = ["Method", "Edits", "Scored"] + [LABELS.get(m, m) for m in headline]
+    head += ["Held-out ppl"] if perplexity else []
+    head += ["Null space left"] if capacity else []
+    lines = ["", "Curves (each point scores the cases edited so far, or the `Scored` sample of them spread evenly "
+                 "over them; 0 edits: the unedited model on every case to be edited):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results["methods"].items():
+        for p in r["curve"]:
+            scored = p.get("scored_cases", p["edits"] if p["edits"] else results["protocol"]["edits"])
+            cells = [name, str(p["edits"]), str(scored)] + [_fmt(p["metrics"].get(m)) for m in headline]
+            if perplexity:
+                cells.append(_fmt(p.get("perplexity")))
+            if capacity:
+                left = null_space_left(p)
+                cells.append(f"{left[0]} / {left[1]}" if left else "")
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _host_table(results: Dict[str, Any], headline: List[str]) -> List[str]:
@@ -80,7 +120,8 @@ def _host_table(results: Dict[str, Any], headline: List[str]) -> List[str]:
     for name, r in results["methods"].items():
         host = r.get("final_host") or {}
         lines.append("| " + " | ".join([name, str(r["edits"])] + [_fmt(host.get(m)) for m in names]) + " |")
-    return lines
+    notes = sorted(set(results["pre_host"].get("notes", [])))
+    return lines + ([""] + [f"- {n}" for n in notes] if notes else [])
 
 
 def _plt():
@@ -116,6 +157,28 @@ def plot_curves(results: Dict[str, Any], out: Path) -> List[Path]:
         ax.legend()
         fig.tight_layout()
         path = out / f"plot_{metric}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    extras = [("perplexity", "held-out perplexity", lambda p: p.get("perplexity")),
+              ("null_space_left", "null-space directions left (edited layers)",
+               lambda p: (null_space_left(p) or (None,))[0])]
+    for file_name, label, value in extras:
+        curves = {name: [(p["edits"], value(p)) for p in r["curve"] if isinstance(value(p), (int, float))]
+                  for name, r in results["methods"].items()}
+        curves = {name: points for name, points in curves.items() if points}
+        if not curves:
+            continue
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for name, points in curves.items():
+            ax.plot(*zip(*points), marker="o", label=name)
+        ax.set_xlabel("number of edits")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} vs. number of edits")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out / f"plot_{file_name}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)

@@ -4,7 +4,13 @@ Protocol: the first ``edits`` cases of a dataset are edited in T = ⌈edits/B⌉
 batches of B cases, one batch after another, into the same model (a case is
 one fact, or all rewrites of an MQuAKE case). After the last batch every
 edited case is evaluated; with ``eval_every = k`` the cases edited so far are
-also evaluated after every k-th batch (the curves). Every method's curve
+also evaluated after every k-th batch (the curves). With ``curve_sample = n``
+each curve point scores n of the cases edited so far, spread evenly over them
+(oldest to newest), so that a curve of thousands of edits stays affordable and
+its points comparable; the final figures still score every edited case. With
+``perplexity_texts`` every point also has the perplexity on held-out texts of
+the statistics corpus; with ``null_space_curve``, for a method with a null
+space, the directions of it its edits have left (:mod:`..null_space_capacity`). Every method's curve
 starts at 0 edits with the unedited model's scores on the cases to be edited
 (``pre``: computed once per run, saved in reference.json and shared by all
 methods). Each method starts from the same original weights.
@@ -92,6 +98,9 @@ class BenchConfig:
     # Stop after the first batch (or curve point) that ends past this many minutes since the runner started, its state
     # saved: a run of many hours in parts (None: run to the end). Not part of the run's identity.
     time_budget_minutes: Optional[float] = None
+    curve_sample: int = 0  # score each curve point on this many of the edited cases, spread evenly (0: all)
+    perplexity_texts: int = 0  # held-out perplexity at every point on this many corpus texts (0: none)
+    null_space_curve: bool = False  # the null-space directions the edits have left, at every point
 
     def validate(self) -> None:
         if not self.methods:
@@ -107,6 +116,9 @@ class BenchConfig:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if self.time_budget_minutes is not None and not self.time_budget_minutes > 0:
             raise ValueError(f"time budget must be a number of minutes > 0, got {self.time_budget_minutes}")
+        for name in ("curve_sample", "perplexity_texts"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
         if self.general_tasks and not self.glue_dir:
             raise ValueError("general capability tasks given without glue_dir (the folder of sst2.json, mmlu.json, ...)")
 
@@ -122,6 +134,10 @@ class BenchConfig:
             "skip_bad_records": self.skip_bad_records,
             "generation_at_curve_points": self.generation_at_curve_points,
             "host_evaluators": self.host_evaluators,
+            # only where set, so that the folders of runs made before these options still resume
+            **({"curve_sample": self.curve_sample} if self.curve_sample else {}),
+            **({"perplexity_texts": self.perplexity_texts} if self.perplexity_texts else {}),
+            **({"null_space_curve": True} if self.null_space_curve else {}),
         }
 
 
@@ -166,7 +182,18 @@ def _differing(saved: Any, current: Any, prefix: str = "") -> List[str]:
 
 def start_point(reference: Dict[str, Any]) -> Dict[str, Any]:
     """The curve point at 0 edits: the unedited model's scores (``reference.json``'s ``pre``), shared by all methods."""
-    return {"edits": 0, "metrics": reference["pre"], "general": reference.get("general_pre")}
+    point = {"edits": 0, "metrics": reference["pre"], "general": reference.get("general_pre")}
+    if reference.get("perplexity_pre") is not None:
+        point["perplexity"] = reference["perplexity_pre"]
+    return point
+
+
+def spread_indices(edited: int, sample: int) -> List[int]:
+    """``sample`` of the indices ``0 .. edited-1``, evenly spread from the oldest to the newest (all of them where
+    ``sample`` is 0 or at least ``edited``)."""
+    if not sample or sample >= edited:
+        return list(range(edited))
+    return [(2 * i + 1) * edited // (2 * sample) for i in range(sample)]
 
 
 def _with_start(curve: List[Dict[str, Any]], reference: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -189,6 +216,7 @@ class BenchmarkRunner:
         self.cases = self.dataset.take(config.edits)
         self.family = family_module(self.dataset.family)
         self.batches = math.ceil(len(self.cases) / config.batch_size)
+        self.host_fluency_missing: Optional[str] = None  # why EasyEdit's evaluators cannot score Fluency here
         if config.host_evaluators:
             self._check_host_evaluators()
 
@@ -201,6 +229,14 @@ class BenchmarkRunner:
         if importlib.util.find_spec("easyeditor") is None:
             raise BenchmarkError("--host-evaluators needs EasyEdit's evaluators: put the EasyEdit source on "
                                  "PYTHONPATH (e.g. PYTHONPATH=../shared/hosts/EasyEdit)")
+        if self.config.eval.fluency:
+            from ..evaluation.knowedit import host_fluency_unavailable
+
+            self.host_fluency_missing = host_fluency_unavailable()
+            if self.host_fluency_missing:
+                logger.warning("EasyEdit's evaluators will score no Fluency: %s. The plugin's own Fluency (the "
+                               "same n-gram entropy, no NLTK data needed) is scored as usual",
+                               self.host_fluency_missing)
 
     # -- set-up ---------------------------------------------------------------
     def _check_output(self) -> None:
@@ -234,10 +270,66 @@ class BenchmarkRunner:
         from ..evaluation import knowedit
 
         torch.manual_seed(self.config.seed)
+        missing = self.host_fluency_missing
         figures = knowedit.host_evaluate(self.model, self.tok, self.cases, host_reference,
-                                         fluency=self.config.eval.fluency, seed=self.config.seed)
+                                         fluency=self.config.eval.fluency and not missing, seed=self.config.seed)
         figures.pop("cases", None)
+        if missing:
+            figures["notes"] = [f"EasyEdit's Fluency not scored: {missing}"]
         return figures
+
+    def _point(self, method, edited: int, reference: Dict[str, Any], general=None,
+               final: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """A curve point after ``edited`` edits: the metrics of the curve sample of the cases edited so far (or
+        ``final``'s where that sample is all of them), held-out perplexity and the null space left."""
+        indices = spread_indices(edited, self.config.curve_sample)
+        if final is not None and len(indices) == edited:
+            metrics = final
+        else:
+            metrics = self._evaluate([self.cases[i] for i in indices],
+                                     [reference["reference"][i] for i in indices], curve_point=True)
+        point: Dict[str, Any] = {"edits": edited, "metrics": metrics,
+                                 "general": self._general() if general is None else general}
+        if len(indices) < edited:
+            point["scored_cases"] = len(indices)
+        if reference.get("perplexity_texts"):
+            point["perplexity"] = self._perplexity(reference)
+        capacity = method.capacity() if self.config.null_space_curve else None
+        if capacity:
+            point["null_space"] = capacity
+        return point
+
+    def _perplexity(self, reference: Dict[str, Any]) -> float:
+        from ..evaluation.perplexity import perplexity
+
+        return perplexity(self.model, self.tok, reference["perplexity_texts"])
+
+    def _perplexity_sequences(self) -> List[List[int]]:
+        """The held-out texts of the methods' statistics corpus (one corpus setting for every method)."""
+        from ..evaluation.perplexity import heldout_sequences
+        from .methods import load_method_hparams, method_uses_hparams
+
+        settings: Dict[tuple, Any] = {}
+        for name in self.config.methods:
+            if not method_uses_hparams(name):
+                continue
+            options = self.config.method_options.get(name) or MethodOptions(seed=self.config.seed)
+            hparams = load_method_hparams(name, options.hparams, options.overrides)
+            key = (str(hparams.mom2_dataset), hparams.mom2_n_samples, hparams.mom2_max_tokens, hparams.seed,
+                   hparams.mom2_heldout_fraction)
+            settings.setdefault(key, (name, hparams))
+        if not settings:
+            raise BenchmarkError("perplexity_texts needs a method with statistics settings (mom2_dataset ...) to "
+                                 "take held-out texts from; every listed method has none")
+        if len(settings) > 1:
+            raise BenchmarkError("perplexity_texts needs one statistics corpus for every method, but the methods "
+                                 "differ in (mom2_dataset, mom2_n_samples, mom2_max_tokens, seed, "
+                                 "mom2_heldout_fraction): " + "; ".join(f"{n}: {k}" for k, (n, _) in settings.items()))
+        name, hparams = next(iter(settings.values()))
+        try:
+            return heldout_sequences(self.model, self.tok, hparams, self.config.perplexity_texts)
+        except ValueError as error:
+            raise BenchmarkError(f"{name}: {error}") from error
 
     def _general(self) -> Optional[Dict[str, Any]]:
         if not self.config.general_tasks:
@@ -269,6 +361,11 @@ class BenchmarkRunner:
         torch.manual_seed(self.config.seed)
         reference = self.family.reference(self.scorer, self.cases, self.config.eval)
         data = {"reference": reference, "pre": self._evaluate(self.cases, reference), "general_pre": self._general()}
+        if self.config.perplexity_texts:
+            data["perplexity_texts"] = self._perplexity_sequences()
+            data["perplexity_pre"] = self._perplexity(data)
+            logger.info("held-out perplexity of the unedited model on %d texts: %.2f", len(data["perplexity_texts"]),
+                        data["perplexity_pre"])
         if self.config.host_evaluators:
             from ..evaluation import knowedit
 
@@ -371,12 +468,10 @@ class BenchmarkRunner:
                     bar.set_postfix(batch=f"{t + 1}/{self.batches}",
                                     s_per_edit=f"{progress['edit_seconds'] / max(1, edited):.2f}")  # all batches
                     if cfg.eval_every and (t + 1) % cfg.eval_every == 0 and t + 1 < self.batches:
-                        point = {"edits": edited,
-                                 "metrics": self._evaluate(self.cases[:edited], reference["reference"][:edited],
-                                                           curve_point=True),
-                                 "general": self._general()}
+                        point = self._point(method, edited, reference)
                         progress["curve"].append(point)
-                        logger.info("%s after %d edits: %s", name, edited, _headline(point["metrics"], self.family))
+                        logger.info("%s after %d edits: %s%s", name, edited, _headline(point["metrics"], self.family),
+                                    f", held-out perplexity {point['perplexity']:.2f}" if "perplexity" in point else "")
                     save(t + 1)
                     if t + 1 < self.batches:
                         self._pause_if_over_budget(name, t + 1, folder)
@@ -395,8 +490,10 @@ class BenchmarkRunner:
             preservation = method.preservation(originals)
             if preservation:
                 result["preservation"] = preservation  # of the accumulated update, per layer
-            result["curve"] = [start_point(reference)] + progress["curve"] + [
-                {"edits": len(self.cases), "metrics": final, "general": result["general"]}]
+            last = self._point(method, len(self.cases), reference, general=result["general"], final=final)
+            result["curve"] = [start_point(reference)] + progress["curve"] + [last]
+            if "perplexity" in last:
+                result["perplexity"] = last["perplexity"]
             if cfg.representation_prompts and reference.get("representation"):
                 import numpy as np
 
@@ -435,6 +532,7 @@ class BenchmarkRunner:
             "eval_options": self.config.eval.as_dict(),
             "headline": list(self.family.HEADLINE),
             "pre": reference["pre"], "general_pre": reference.get("general_pre"),
+            **({"perplexity_pre": reference["perplexity_pre"]} if "perplexity_pre" in reference else {}),
             **({"pre_host": reference.get("pre_host")} if self.config.host_evaluators else {}),
             "command": self.config.command,
             "machine": machine_description(self.model),

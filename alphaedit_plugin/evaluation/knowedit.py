@@ -68,7 +68,7 @@ Where the figures match the host's, and where they do not (checked in the parity
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from .datasets import EditCase
 from .fluency import fluency
@@ -278,6 +278,27 @@ def host_reference(model, tok, cases: Sequence[EditCase], max_length: int = HOST
                                                           device=device)[f"{kind}_output"]
                            for kind, (prompts, answers) in host_inputs(case, "locality").items()})
     return result
+
+
+def host_fluency_unavailable() -> Optional[str]:
+    """Why the host's Fluency cannot be scored here, or None where it can.
+
+    The host's ``n_gram_entropy`` splits text with ``nltk.word_tokenize``, which loads NLTK's ``punkt_tab``
+    sentence data. That data is not on the package registries (``nltk.download`` fetches it from GitHub), so an
+    offline machine has it only where someone put it there.
+    """
+    try:
+        import nltk
+    except ImportError:
+        return "nltk is not installed (pip install nltk)"
+    for resource in ("tokenizers/punkt_tab/english/", "tokenizers/punkt/english.pickle"):
+        try:
+            nltk.data.find(resource)
+            return None
+        except LookupError:
+            continue
+    return ("NLTK's punkt_tab data, which EasyEdit's n_gram_entropy needs, is not installed (python -m "
+            "nltk.downloader punkt_tab, where a network allows)")
 
 
 def host_evaluate(model, tok, cases: Sequence[EditCase], reference_data: Sequence[Dict[str, list]],
