@@ -132,3 +132,50 @@ def test_a_resumed_host_run_edits_as_one_that_never_stopped(tmp_path, tokenizer)
     resumed.edit(FACTS[2:])
     for layer, weight in edited_weights(model, resumed).items():
         assert torch.allclose(weight, continuous[layer], rtol=1e-5, atol=1e-7), layer
+
+
+# ---------------------------------------------------------------------------
+# SPHERE@host: the host's SPHERE, the same adapter
+# ---------------------------------------------------------------------------
+def test_the_bench_lists_the_hosts_sphere_and_gives_it_spheres_yaml():
+    from alphaedit_plugin.bench.methods import HOST_SPHERE
+
+    assert HOST_SPHERE in available_methods()
+    assert default_hparams_path(HOST_SPHERE, "smollm2") == default_hparams_path("SPHERE", "smollm2")
+    with pytest.raises(ValueError, match=r"--method-hparams SPHERE@host=PATH"):
+        load_method_hparams(HOST_SPHERE, str(default_hparams_path("AlphaEdit", "smollm2")))
+
+
+@needs_host
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_the_hosts_sphere_writes_its_soft_projection_of_the_hosts_alphaedit_update(tmp_path, arch, tokenizer):
+    """From the same weights, P, key cache and context prefixes, SPHERE@host writes the host's
+    ``sparse_projection`` of the update AlphaEdit@host writes: the two host modules share their solve, and the
+    adapter runs each with its own globals and hyperparameters (cumulative_ratio, suppression_strength)."""
+    from alphaedit_plugin.bench.methods import HOST_SPHERE
+    from test_sphere import sphere_hparams
+
+    model = BUILDERS[arch]()
+    start = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    hparams = exact_host_hparams(tmp_path, arch)
+    alpha = host_run(model, tokenizer, hparams)
+    torch.manual_seed(0)
+    alpha.edit(FACTS[:2])
+    alpha_params = {n: p.detach().clone() for n, p in model.named_parameters() if n in alpha.edited_parameters()}
+    alpha.save_state(tmp_path)  # P, the key cache after the edit, and the context prefixes it sampled
+
+    model.load_state_dict(start)
+    sphere_fields = dict(cumulative_ratio=0.5, suppression_strength=0.7, nullspace_threshold=1e-4)
+    sphere = create_method(HOST_SPHERE, model, tokenizer,
+                           MethodOptions(hparams=sphere_hparams(tmp_path, arch, **sphere_fields)))
+    state = torch.load(tmp_path / alpha.STATE_FILE, weights_only=True)
+    sphere.host.load_state({**state, "cache_c": None})  # the key cache as before AlphaEdit's edit: empty
+    assert sphere.host.host_hparams.suppression_strength == 0.7 and sphere.host.main is not alpha.host.main
+    torch.manual_seed(0)
+    sphere.edit(FACTS[:2])
+    for name, before in ((n, start[n]) for n in alpha_params):
+        alpha_change = alpha_params[name] - before
+        expected = sphere.host.main.sparse_projection(before, alpha_change, eta=0.5, alpha=0.7)[0]
+        written = dict(model.named_parameters())[name].detach() - before
+        assert alpha_change.norm() > 0 and not torch.allclose(written, alpha_change, rtol=1e-3, atol=1e-6), name
+        assert torch.allclose(written, expected.to(written.dtype), rtol=1e-4, atol=1e-6 * expected.abs().max()), name

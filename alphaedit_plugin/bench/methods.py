@@ -6,7 +6,8 @@ registered there is in ``alphaedit-bench --methods`` at once. ``unedited`` is
 the runner's own row: the unedited model scored like the others.
 ``AlphaEdit@host`` is the current EasyEdit's own AlphaEdit
 (:mod:`alphaedit_plugin.hosts.easyedit.host_alphaedit`), with AlphaEdit's
-hyperparameters: the plugin and the host side by side in one run.
+hyperparameters: the plugin and the host side by side in one run;
+``SPHERE@host`` the host's SPHERE with SPHERE's.
 
 Each label runs as a :class:`RegisteredMethodRun`: its hyperparameters come
 from ``MethodOptions.hparams`` (a yaml path or an object), else from the
@@ -32,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 UNEDITED = "unedited"
 HOST_ALPHAEDIT = "AlphaEdit@host"
-HPARAMS_LABEL = {HOST_ALPHAEDIT: "AlphaEdit"}  # the registered method whose yaml a runner row takes
+HOST_SPHERE = "SPHERE@host"
+HPARAMS_LABEL = {HOST_ALPHAEDIT: "AlphaEdit", HOST_SPHERE: "SPHERE"}  # the registered method whose yaml a row takes
 
 
 @dataclass
@@ -171,20 +173,22 @@ class RegisteredMethodRun(BenchMethod):
 
 
 class HostAlphaEditRun(BenchMethod):
-    """The host's ``apply_AlphaEdit_to_model``, unchanged, on AlphaEdit's hyperparameters (see
-    :mod:`alphaedit_plugin.hosts.easyedit.host_alphaedit`); its P and key cache are the state between batches."""
+    """The host's ``apply_AlphaEdit_to_model`` (or ``apply_SPHERE_to_model``), unchanged, on the hyperparameters of
+    the plugin's method of that name (see :mod:`alphaedit_plugin.hosts.easyedit.host_alphaedit`); its P and key
+    cache are the state between batches."""
 
-    name = HOST_ALPHAEDIT
     STATE_FILE = "host_state.pt"
 
-    def __init__(self, model, tok, options: MethodOptions):
+    def __init__(self, model, tok, options: MethodOptions, label: str = HOST_ALPHAEDIT):
         from ..architectures import templates_for
-        from ..hosts.easyedit.host_alphaedit import HostAlphaEdit
+        from ..hosts.easyedit.host_alphaedit import HOST_ALPHAEDIT_CODE, HOST_SPHERE_CODE, HostAlphaEdit
 
         super().__init__(model, tok, options)
-        self.hparams = load_method_hparams(HOST_ALPHAEDIT, options.hparams, options.overrides)
+        self.name = label
+        code = {HOST_ALPHAEDIT: HOST_ALPHAEDIT_CODE, HOST_SPHERE: HOST_SPHERE_CODE}[label]
+        self.hparams = load_method_hparams(label, options.hparams, options.overrides)
         self.templates = templates_for(model, self.hparams)
-        self.host = HostAlphaEdit(model, tok, self.hparams, self.templates)
+        self.host = HostAlphaEdit(model, tok, self.hparams, self.templates, code=code)
 
     def edited_parameters(self):
         return [f"{self.templates.rewrite_module_tmp.format(layer)}.weight" for layer in self.hparams.layers]
@@ -219,7 +223,8 @@ class HostAlphaEditRun(BenchMethod):
         host = describe_hparams_object(self.host.host_hparams)
         for scratch_path in ("stats_dir", "P_loc"):  # new in every process: not a setting
             host.pop(scratch_path, None)
-        return {"label": self.name, "code": "easyeditor.models.alphaedit.AlphaEdit_main.apply_AlphaEdit_to_model",
+        code = self.host.code
+        return {"label": self.name, "code": f"{code.main_module}.{code.apply_function}",
                 "hparams": describe_hparams(self.hparams), "host_hparams": host}
 
 
@@ -289,7 +294,7 @@ def load_method_hparams(label: str, source: Any, overrides: Optional[Dict[str, A
 
 # ---------------------------------------------------------------------------
 def available_methods() -> List[str]:
-    return [UNEDITED] + registry.labels() + [HOST_ALPHAEDIT]
+    return [UNEDITED] + registry.labels() + [HOST_ALPHAEDIT, HOST_SPHERE]
 
 
 def method_uses_hparams(name: str) -> bool:
@@ -312,8 +317,8 @@ def create_method(name: str, model, tok, options: Optional[MethodOptions] = None
     options = options or MethodOptions()
     if name == UNEDITED:
         return UneditedMethod(model, tok, options)
-    if name == HOST_ALPHAEDIT:
-        return HostAlphaEditRun(model, tok, options)
+    if name in (HOST_ALPHAEDIT, HOST_SPHERE):
+        return HostAlphaEditRun(model, tok, options, label=name)
     if name not in registry.labels():
         raise ValueError(f"unknown method {name!r}; registered: {', '.join(available_methods())}")
     return RegisteredMethodRun(model, tok, options, label=name)

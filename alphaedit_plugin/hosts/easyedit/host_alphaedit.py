@@ -1,9 +1,13 @@
-"""The current EasyEdit's own AlphaEdit, run as its users run it, for side-by-side benchmarks.
+"""The current EasyEdit's own AlphaEdit (and SPHERE), run as its users run it, for side-by-side benchmarks.
 
 ``alphaedit-bench --methods AlphaEdit AlphaEdit@host`` edits the same model
 with the plugin and with the host's ``apply_AlphaEdit_to_model``
 (``easyeditor/models/alphaedit/AlphaEdit_main.py``), which ``BaseEditor``
-calls for ``alg_name: AlphaEdit``. The host's code runs unchanged: its
+calls for ``alg_name: AlphaEdit``; ``SPHERE SPHERE@host`` likewise with the
+host's ``apply_SPHERE_to_model`` (``easyeditor/models/SPHERE/SPHERE_main.py``:
+a copy of AlphaEdit's module that damps each update with its
+``sparse_projection`` where it writes it, with globals of its own). Which host
+module runs is a :class:`HostCode`. The host's code runs unchanged: its
 statistics (``layer_stats``, one pass over the corpus per layer), its
 projector (``torch.linalg.svd`` of each layer's second moment), its target
 search (``compute_z``, one fact at a time), its solve and its module-global
@@ -55,8 +59,9 @@ import logging
 import shutil
 import tempfile
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -71,12 +76,34 @@ HOST_CORPUS_NAME = "wikitext2"  # a key of the host's layer_stats dataset_map; i
 GLOBALS = ("P", "P_loaded", "cache_c", "cache_c_new")
 
 
-def host_alphaedit_modules():
-    """``(AlphaEdit_main module, layer_stats module, AlphaEditHyperParams class)`` of the installed host."""
+@dataclass(frozen=True)
+class HostCode:
+    """One of the host's AlphaEdit-shaped modules: where it lives and what its hyperparameters add."""
+
+    alg_name: str  # the host's alg_name, and the plugin method whose hparams it takes
+    main_module: str  # has apply_<alg>_to_model, get_project, get_cov and the globals
+    hparams_class: str  # "module:Class"
+    apply_function: str
+    extra_fields: Tuple[str, ...] = ()  # fields of the plugin's hparams passed on under the same name
+
+    @property
+    def label(self) -> str:
+        return f"{self.alg_name}@host"
+
+
+HOST_ALPHAEDIT_CODE = HostCode("AlphaEdit", "easyeditor.models.alphaedit.AlphaEdit_main",
+                               "easyeditor.models.alphaedit.AlphaEdit_hparams:AlphaEditHyperParams",
+                               "apply_AlphaEdit_to_model")
+HOST_SPHERE_CODE = HostCode("SPHERE", "easyeditor.models.SPHERE.SPHERE_main",
+                            "easyeditor.models.SPHERE.SPHERE_hparams:SPHEREHyperParams", "apply_SPHERE_to_model",
+                            extra_fields=("cumulative_ratio", "suppression_strength"))
+
+
+def host_alphaedit_modules(code: HostCode = HOST_ALPHAEDIT_CODE):
+    """``(main module, layer_stats module, hyperparameter class)`` of ``code`` in the installed host."""
     return import_host(
-        ("easyeditor.models.alphaedit.AlphaEdit_main", "easyeditor.models.rome.layer_stats",
-         "easyeditor.models.alphaedit.AlphaEdit_hparams:AlphaEditHyperParams"),
-        "AlphaEdit@host needs the current EasyEdit source (easyeditor with models/alphaedit) on sys.path",
+        (code.main_module, "easyeditor.models.rome.layer_stats", code.hparams_class),
+        f"{code.label} needs the current EasyEdit source (easyeditor with {code.main_module}) on sys.path",
         "Put ../shared/hosts/EasyEdit on PYTHONPATH")
 
 
@@ -85,17 +112,19 @@ def dispatch_model_name(model, rewrite_module_tmp: str, layer: int) -> str:
     return "gpt2-xl" if is_transposed(get_module(model, rewrite_module_tmp.format(layer))) else "llama"
 
 
-def host_alphaedit_hparams(model, hparams, templates, stats_dir: str):
-    """A real ``easyeditor`` ``AlphaEditHyperParams`` with our settings, its statistics cached in ``stats_dir``."""
-    _, _, host_class = host_alphaedit_modules()
-    ours = host_fields(model, hparams, templates, "AlphaEdit")
+def host_alphaedit_hparams(model, hparams, templates, stats_dir: str, code: HostCode = HOST_ALPHAEDIT_CODE):
+    """A real ``easyeditor`` hyperparameter object of ``code`` (``AlphaEditHyperParams``, ...) with our settings, its
+    statistics cached in ``stats_dir``."""
+    _, _, host_class = host_alphaedit_modules(code)
+    ours = host_fields(model, hparams, templates, code.alg_name)
+    ours.update({name: getattr(hparams, name) for name in code.extra_fields})
     ours.update({
         "nullspace_threshold": hparams.nullspace_threshold, "L2": hparams.L2,
         "mom2_dataset": HOST_CORPUS_NAME, "stats_dir": stats_dir,
         "P_loc": str(Path(stats_dir) / "null_space_project.pt"),  # written by compute_projectors (fix 3)
         "model_name": dispatch_model_name(model, templates.rewrite_module_tmp, hparams.layers[-1]),
     })
-    return fill_host_class(host_class, ours, "run the plugin's AlphaEdit instead")
+    return fill_host_class(host_class, ours, f"run the plugin's {code.alg_name} instead")
 
 
 @contextlib.contextmanager
@@ -134,13 +163,15 @@ def host_reads_sequences(sequences: List[List[int]]) -> Iterator[None]:
 
 
 class HostAlphaEdit:
-    """The host's AlphaEdit on one model: its projectors, its edits and its global state, kept apart."""
+    """The host's AlphaEdit (or another :class:`HostCode`) on one model: its projectors, its edits and its global
+    state, kept apart."""
 
-    def __init__(self, model, tok, hparams, templates, workdir: Optional[Path] = None):
+    def __init__(self, model, tok, hparams, templates, workdir: Optional[Path] = None,
+                 code: HostCode = HOST_ALPHAEDIT_CODE):
         """``workdir``: the folder for the host's files (its statistics cache, P), kept; default a scratch folder
         removed with the object."""
-        self.model, self.tok, self.hparams, self.templates = model, tok, hparams, templates
-        self.main, _, _ = host_alphaedit_modules()
+        self.model, self.tok, self.hparams, self.templates, self.code = model, tok, hparams, templates, code
+        self.main, _, _ = host_alphaedit_modules(code)
         if workdir is None:
             self.scratch = Path(tempfile.mkdtemp(prefix="alphaedit-host-"))
             self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.scratch), True)
@@ -148,7 +179,7 @@ class HostAlphaEdit:
             self.scratch = Path(workdir).resolve()
             self.scratch.mkdir(parents=True, exist_ok=True)
             self._cleanup = lambda: None
-        self.host_hparams = host_alphaedit_hparams(model, hparams, templates, str(self.scratch))
+        self.host_hparams = host_alphaedit_hparams(model, hparams, templates, str(self.scratch), code)
 
     def close(self) -> None:
         self._cleanup()
@@ -195,7 +226,7 @@ class HostAlphaEdit:
         d_in = weight.shape[1]
         projectors = torch.zeros((len(host.layers), d_in, d_in), device="cpu")  # allocated as the host does
         with host_reads_sequences(sequences), self._named_for_its_cache(), \
-                self._call("easyeditor AlphaEdit statistics"):
+                self._call(f"easyeditor {self.code.alg_name} statistics"):
             for i, layer in enumerate(host.layers):
                 projectors[i, :, :] = self.main.get_project(self.model, self.tok, layer, host)
         self._keep_projector(projectors)
@@ -209,20 +240,22 @@ class HostAlphaEdit:
             return False
         self.load_state({"P": torch.load(saved, weights_only=True), "cache_c": None, "context_templates": None})
         host = self.host_hparams
-        with self._named_for_its_cache(), self._call("easyeditor AlphaEdit statistics (cached)"):
+        with self._named_for_its_cache(), self._call(f"easyeditor {self.code.alg_name} statistics (cached)"):
             for layer in host.layers:
                 self.main.get_cov(self.model, self.tok, self.templates.rewrite_module_tmp.format(layer),
                                   host.mom2_dataset, host.mom2_n_samples, host.mom2_dtype, hparams=host)
         return True
 
     def edit(self, requests: List[Dict[str, Any]]) -> None:
-        """One batch through the host's ``apply_AlphaEdit_to_model``, as ``BaseEditor.batch_edit`` calls it."""
+        """One batch through the host's ``apply_AlphaEdit_to_model`` (``code.apply_function``), as
+        ``BaseEditor.batch_edit`` calls it."""
         if not getattr(self.main, "P_loaded", False):
-            raise RuntimeError("AlphaEdit@host: compute_projectors (or load_state) must run before edit")
+            raise RuntimeError(f"{self.code.label}: compute_projectors (or load_state) must run before edit")
         host_requests = [host_request(request) for request in normalise_requests(requests)]
-        with self._call("easyeditor AlphaEdit"):
-            self.main.apply_AlphaEdit_to_model(self.model, self.tok, host_requests, self.host_hparams, copy=False,
-                                               return_orig_weights=True, keep_original_weight=False)
+        apply = getattr(self.main, self.code.apply_function)
+        with self._call(f"easyeditor {self.code.alg_name}"):
+            apply(self.model, self.tok, host_requests, self.host_hparams, copy=False, return_orig_weights=True,
+                  keep_original_weight=False)
 
     def state(self) -> Dict[str, Any]:
         """What the host's later calls read from its globals: P, the key cache and the context prefixes (sampled
