@@ -4,16 +4,18 @@ Protocol: the first ``edits`` cases of a dataset are edited in T = ⌈edits/B⌉
 batches of B cases, one batch after another, into the same model (a case is
 one fact, or all rewrites of an MQuAKE case). After the last batch every
 edited case is evaluated; with ``eval_every = k`` the cases edited so far are
-also evaluated after every k-th batch (the curves). With ``curve_sample = n``
-each curve point scores n of the cases edited so far, spread evenly over them
-(oldest to newest), so that a curve of thousands of edits stays affordable and
-its points comparable; the final figures still score every edited case. With
-``perplexity_texts`` every point also has the perplexity on held-out texts of
-the statistics corpus; with ``null_space_curve``, for a method with a null
-space, the directions of it its edits have left (:mod:`..null_space_capacity`). Every method's curve
+also evaluated after every k-th batch (the curves). Every method's curve
 starts at 0 edits with the unedited model's scores on the cases to be edited
 (``pre``: computed once per run, saved in reference.json and shared by all
 methods). Each method starts from the same original weights.
+
+Long runs: with ``curve_sample = n`` each curve point scores n of the cases
+edited so far, spread evenly from the oldest to the newest, so that a curve of
+thousands of edits stays affordable and its points alike; the final figures
+still score every edited case. With ``perplexity_texts`` every point also has
+the perplexity on held-out texts of the statistics corpus; with
+``null_space_curve``, for a method with a null space, how many of its
+directions the edits have left (:mod:`..null_space_capacity`).
 
 Output folder::
 
