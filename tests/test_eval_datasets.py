@@ -170,3 +170,32 @@ def test_skip_bad_records(tmp_path):
         load_dataset(path)
     dataset = load_dataset(path, skip_bad_records=True)
     assert len(dataset) == 1 and dataset.cases[0].index == 1 and "record 0, field 'alt'" in dataset.skipped[0]
+
+
+# -- several files as one data set ---------------------------------------------------------------------------------
+def test_several_files_of_one_schema_are_one_data_set_in_order(tmp_path):
+    from alphaedit_plugin.evaluation import load_datasets
+
+    records = json.loads((FIXTURES / "zsre_mend.json").read_text())
+    second = [dict(r, src=r["src"] + " really", rephrase=r["rephrase"]) for r in records]  # other edits
+    second_path = tmp_path / "second.json"
+    second_path.write_text(json.dumps(second))
+    one, two = load_dataset(FIXTURES / "zsre_mend.json"), load_dataset(second_path)
+    both = load_datasets([FIXTURES / "zsre_mend.json", second_path])
+    assert both.schema == "zsre_mend" and both.path == f"{one.path} + {two.path}"
+    assert [c.requests for c in both.cases] == [c.requests for c in one.cases + two.cases]
+    assert [c.index for c in both.cases] == list(range(len(one) + len(two)))  # positions in the concatenation
+    with pytest.raises(DatasetError, match=r"5 edits requested but the files hold only 4 records"):
+        both.take(5)
+    assert load_datasets([FIXTURES / "zsre_mend.json"]) == one
+
+
+def test_several_files_must_share_a_schema_and_no_edit(tmp_path):
+    from alphaedit_plugin.evaluation import load_datasets
+
+    with pytest.raises(DatasetError, match=r"different schemas .*zsre_mend.*counterfact_flat"):
+        load_datasets([FIXTURES / "zsre_mend.json", FIXTURES / "counterfact_flat.json"])
+    with pytest.raises(DatasetError, match=r"record 0 edits .* does already; give files without shared records"):
+        load_datasets([FIXTURES / "zsre_mend.json", FIXTURES / "zsre_mend.json"])
+    with pytest.raises(DatasetError, match="no benchmark file"):
+        load_datasets([])

@@ -130,6 +130,36 @@ def test_cli_on_a_saved_tiny_model(tmp_path, capsys):
     assert saved["machine"]["device"] == "cpu" and saved["machine"]["cpu_threads"] == 2  # conftest runs with 1
 
 
+def test_cli_edits_several_files_of_one_schema_in_order(tmp_path, capsys, caplog):
+    """``--data a.json b.json``: one run over both files (a 2,000-edit ZsRE run needs MEND's two files); the run
+    identity holds the files in their order, so the same folder refuses them in another order."""
+    import torch
+
+    model_dir = tmp_path / "model"
+    build_gpt2().save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    records = json.loads((FIXTURES / "zsre_mend.json").read_text())
+    second = tmp_path / "second.json"
+    second.write_text(json.dumps([dict(r, src=r["src"] + " again") for r in records]))
+    first = str(FIXTURES / "zsre_mend.json")
+    threads = torch.get_num_threads()
+
+    def run(out, *data):
+        return main(["--methods", "unedited", "--model", str(model_dir), "--data", *data, "--edits", "3",
+                     "--batch-size", "2", "--output", str(out), "--no-plots"])
+    try:
+        assert run(tmp_path / "both", first, str(second)) == 0
+        saved = json.loads((tmp_path / "both" / "results.json").read_text())
+        assert saved["dataset"]["path"].endswith(" + " + str(second)) and saved["protocol"]["edits"] == 3
+        (tmp_path / "one").mkdir()
+        assert run(tmp_path / "one", first, str(second)) == 0
+        caplog.clear()
+        assert run(tmp_path / "one", str(second), first) == 2  # another sequence of edits in the same folder
+        assert "holds a run with other settings (dataset_sha256" in caplog.text
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_cli_refuses_zero_threads(tmp_path, caplog):
     code = main(["--methods", "unedited", "--data", str(FIXTURES / "zsre_mend.json"), "--edits", "1",
                  "--output", str(tmp_path / "o"), "--threads", "0"])

@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's, one per core). Give each of several runs sharing "
                         "the cores its share: oversubscribed threads slowed generation about 7x on 2 cores")
-    p.add_argument("--data", required=True, help="benchmark JSON file (CounterFact, ZsRE, KnowEdit, MQuAKE, LEME)")
+    p.add_argument("--data", required=True, nargs="+", metavar="FILE",
+                   help="benchmark JSON file (CounterFact, ZsRE, KnowEdit, MQuAKE, LEME); several files of one "
+                        "schema are edited one after another, as one data set")
     p.add_argument("--dataset", choices=FAMILIES, default=None, help="check the file is of this family (default: detect)")
     p.add_argument("--schema", choices=sorted(PARSERS), default=None, help="force a schema (default: detect)")
     p.add_argument("--edits", type=int, required=True, help="number of cases edited (MQuAKE: cases, each with all its rewrites)")
@@ -165,7 +167,8 @@ def config_from_args(args, argv: Optional[List[str]] = None) -> BenchConfig:
         snippets = load_snippets(args.reference_snippets)
     general = list(TASKS) if args.general == [] else (args.general or [])
     return BenchConfig(
-        methods=args.methods, dataset=args.data, edits=args.edits, batch_size=args.batch_size, output=args.output,
+        methods=args.methods, dataset=args.data[0] if len(args.data) == 1 else list(args.data), edits=args.edits,
+        batch_size=args.batch_size, output=args.output,
         schema=args.schema, family=args.dataset, eval_every=args.eval_every, seed=args.seed, model_name=args.model,
         eval=EvalOptions(fluency=args.fluency, fluency_prompts=args.fluency_prompts,
                          generation_tokens=args.generation_tokens, cot=not args.no_cot, seed=args.seed,

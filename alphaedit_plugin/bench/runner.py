@@ -47,11 +47,11 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from ..evaluation import EvalOptions, ModelScorer, family_module, load_dataset
+from ..evaluation import EvalOptions, ModelScorer, family_module, load_datasets
 from ..evaluation.datasets import EditCase
 from ..run_settings import canonical_dtype
 from .methods import MethodOptions, available_methods, check_method_options, create_method
@@ -71,7 +71,7 @@ class BenchmarkPaused(BenchmarkError):
 @dataclass
 class BenchConfig:
     methods: List[str]
-    dataset: str  # path of the benchmark file
+    dataset: Union[str, List[str]]  # path of the benchmark file, or several files of one schema edited in order
     edits: int
     batch_size: int
     output: str
@@ -157,9 +157,14 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def dataset_paths(dataset: Union[str, Path, Sequence[Union[str, Path]]]) -> List[str]:
+    """``BenchConfig.dataset`` as a list of file paths."""
+    return [str(dataset)] if isinstance(dataset, (str, Path)) else [str(p) for p in dataset]
+
+
 def _sha256(path: str) -> str:
     sha = hashlib.sha256()
-    with open(path, "rb") as stream:
+    with open(Path(path).expanduser(), "rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
             sha.update(block)
     return sha.hexdigest()
@@ -213,8 +218,9 @@ class BenchmarkRunner:
         self.started = time.monotonic()  # for the time budget
         self.out = Path(config.output).expanduser()
         self.scorer = ModelScorer(model, tok)
-        self.dataset = load_dataset(config.dataset, schema=config.schema, family=config.family,
-                                    skip_bad_records=config.skip_bad_records)
+        self.dataset_paths = dataset_paths(config.dataset)
+        self.dataset = load_datasets(self.dataset_paths, schema=config.schema, family=config.family,
+                                     skip_bad_records=config.skip_bad_records)
         self.cases = self.dataset.take(config.edits)
         self.family = family_module(self.dataset.family)
         self.batches = math.ceil(len(self.cases) / config.batch_size)
@@ -243,7 +249,7 @@ class BenchmarkRunner:
     # -- set-up ---------------------------------------------------------------
     def _check_output(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        identity = self.config.identity(_sha256(self.dataset.path))
+        identity = self.config.identity("+".join(_sha256(path) for path in self.dataset_paths))
         identity["schema"] = self.dataset.schema
         identity["model_dtype"] = canonical_dtype(next(self.model.parameters()).dtype, "the model's dtype")
         run_file = self.out / "run.json"
@@ -593,8 +599,8 @@ def run_benchmark(config: BenchConfig, model=None, tok=None, device: str = "cpu"
         config.validate()  # bad settings, hyperparameters or data fail before the (slow) model load
         for name in config.methods:
             check_method_options(name, config.method_options.get(name) or MethodOptions(seed=config.seed))
-        load_dataset(config.dataset, schema=config.schema, family=config.family,
-                     skip_bad_records=config.skip_bad_records).take(config.edits)
+        load_datasets(dataset_paths(config.dataset), schema=config.schema, family=config.family,
+                      skip_bad_records=config.skip_bad_records).take(config.edits)
 
         model, tok = load_model(config.model_name, device=device, dtype=config.model_dtype,
                                 trust_remote_code=config.trust_remote_code, field="--model")

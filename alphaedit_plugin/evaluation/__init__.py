@@ -9,7 +9,8 @@ plus ``notes``); ``glue`` (general capability) and ``representation``
 """
 
 from . import counterfact, knowedit, leme, mquake, zsre
-from .datasets import DatasetError, EditCase, EditDataset, detect_schema, load_dataset, normalise_answers
+from .datasets import (DatasetError, EditCase, EditDataset, detect_schema, load_dataset, load_datasets,
+                       normalise_answers)
 from .scoring import EvalOptions, ModelScorer
 
 FAMILY_MODULES = {"counterfact": counterfact, "zsre": zsre, "knowedit": knowedit, "mquake": mquake, "leme": leme}
@@ -23,4 +24,4 @@ def family_module(family: str):
 
 
 __all__ = ["DatasetError", "EditCase", "EditDataset", "EvalOptions", "FAMILY_MODULES", "ModelScorer",
-           "detect_schema", "family_module", "load_dataset", "normalise_answers"]
+           "detect_schema", "family_module", "load_dataset", "load_datasets", "normalise_answers"]

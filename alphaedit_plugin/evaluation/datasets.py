@@ -30,6 +30,7 @@ leme_zsre             LEME: zsre_mend plus coupled_prompts_and_properties       
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -84,7 +85,8 @@ class EditDataset:
         if n < 1:
             raise DatasetError(f"{self.path}: asked for {n} edits; need at least 1")
         if n > len(self.cases):
-            raise DatasetError(f"{self.path}: {n} edits requested but the file has only {len(self.cases)} records "
+            holder = "the files hold" if " + " in self.path else "the file has"
+            raise DatasetError(f"{self.path}: {n} edits requested but {holder} only {len(self.cases)} records "
                                f"(schema {self.schema}); lower --edits to at most {len(self.cases)}")
         return self.cases[:n]
 
@@ -459,3 +461,34 @@ def load_dataset(path: Union[str, Path], schema: Optional[str] = None, family: O
     if not cases:
         raise DatasetError(f"{path}: none of its {len(data)} records is usable (first problem: {skipped[0]})")
     return EditDataset(path=str(path), schema=schema, cases=cases, skipped=skipped)
+
+
+def load_datasets(paths: Sequence[Union[str, Path]], schema: Optional[str] = None, family: Optional[str] = None,
+                  skip_bad_records: bool = False) -> EditDataset:
+    """Several benchmark files of one schema as one data set, their cases in the order given (a run longer than
+    any one file: MEND's ZsRE comes as a 1,000-record and a 1,037-record file). A case's ``index`` is then its
+    position in the concatenation; ``path`` lists the files joined by `` + ``. The same edit (prompt, subject and
+    new target) in two of the files is refused: it would be edited twice. One path: :func:`load_dataset`."""
+    if not paths:
+        raise DatasetError("no benchmark file given")
+    parts = [load_dataset(p, schema=schema, family=family, skip_bad_records=skip_bad_records) for p in paths]
+    if len(parts) == 1:
+        return parts[0]
+    schemas = {part.path: part.schema for part in parts}
+    if len(set(schemas.values())) > 1:
+        raise DatasetError("the benchmark files are of different schemas ("
+                           + ", ".join(f"{p}: {s}" for p, s in schemas.items()) + "); give files of one schema")
+    seen: Dict[tuple, str] = {}
+    cases: List[EditCase] = []
+    for part in parts:
+        for case in part.cases:
+            for request in case.requests:
+                key = (request["prompt"], request["subject"], request["target_new"]["str"])
+                if key in seen:
+                    raise DatasetError(f"{part.path}: record {case.index} edits {request['subject']!r} to "
+                                       f"{key[2]!r} as {seen[key]} does already; give files without shared "
+                                       "records")
+                seen[key] = f"{part.path} record {case.index}"
+            cases.append(dataclasses.replace(case, index=len(cases)))
+    return EditDataset(path=" + ".join(part.path for part in parts), schema=parts[0].schema, cases=cases,
+                       skipped=[s for part in parts for s in part.skipped])
