@@ -69,7 +69,7 @@ def saved_state(folder: Path, hparams) -> EditingState:
 def test_every_method_and_variant_is_listed():
     assert set(available_methods()) == {"unedited", "AlphaEdit", "AlphaEdit+energy", "SPHERE", "SPHERE+energy",
                                         *BASELINE_LABELS, *HOST_STEP_LABELS,
-                                        "AlphaEdit@host"}
+                                        "AlphaEdit@host", "SPHERE@host"}
     assert default_hparams_path("PRUNE+P", "smollm2") == SHIPPED / "PRUNE" / "smollm2-135m-projected.yaml"
     assert default_hparams_path("RECT", "SmolLM2") == SHIPPED / "RECT" / "smollm2-135m.yaml"
     assert default_hparams_path("MEMIT", "/some/local/model") is None
