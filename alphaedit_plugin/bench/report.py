@@ -134,73 +134,60 @@ def _plt():
         return None
 
 
+def _line_plot(plt, curves: Dict[str, List[tuple]], ylabel: str, title: str, path: Path) -> Path:
+    """One PNG: a line of ``(edits, value)`` points per method."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, points in curves.items():
+        ax.plot(*zip(*points), marker="o", label=name)
+    ax.set_xlabel("number of edits")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(results: Dict[str, Any], out: Path) -> List[Path]:
     plt = _plt()
     if plt is None:
         logger.warning("matplotlib is not installed: no plots written (pip install matplotlib)")
         return []
+
+    def numeric_curves(value) -> Dict[str, List[tuple]]:
+        """Per method, its curve's points where ``value(point)`` is a number (methods without any left out)."""
+        curves = {name: [(p["edits"], value(p)) for p in r["curve"] if isinstance(value(p), (int, float))]
+                  for name, r in results["methods"].items()}
+        return {name: points for name, points in curves.items() if points}
+
     written = []
-    metrics = [m for m in results["headline"]
-               if any(isinstance(p["metrics"].get(m), (int, float)) for r in results["methods"].values()
-                      for p in r["curve"])]
-    for metric in metrics:
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        for name, r in results["methods"].items():
-            points = [(p["edits"], p["metrics"].get(metric)) for p in r["curve"]
-                      if isinstance(p["metrics"].get(metric), (int, float))]
-            if points:
-                ax.plot(*zip(*points), marker="o", label=name)
-        ax.set_xlabel("number of edits")
-        ax.set_ylabel(LABELS.get(metric, metric))
-        ax.set_title(f"{LABELS.get(metric, metric)} vs. number of edits ({results['dataset']['family']})")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = out / f"plot_{metric}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+    for metric in results["headline"]:
+        curves = numeric_curves(lambda p: p["metrics"].get(metric))
+        if curves:
+            label = LABELS.get(metric, metric)
+            written.append(_line_plot(plt, curves, label, f"{label} vs. number of edits "
+                                      f"({results['dataset']['family']})", out / f"plot_{metric}.png"))
     extras = [("perplexity", "held-out perplexity", lambda p: p.get("perplexity")),
               ("null_space_left", "null-space directions left (edited layers)",
                lambda p: (null_space_left(p) or (None,))[0])]
     for file_name, label, value in extras:
-        curves = {name: [(p["edits"], value(p)) for p in r["curve"] if isinstance(value(p), (int, float))]
-                  for name, r in results["methods"].items()}
-        curves = {name: points for name, points in curves.items() if points}
-        if not curves:
-            continue
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        for name, points in curves.items():
-            ax.plot(*zip(*points), marker="o", label=name)
-        ax.set_xlabel("number of edits")
-        ax.set_ylabel(label)
-        ax.set_title(f"{label} vs. number of edits")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = out / f"plot_{file_name}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        curves = numeric_curves(value)
+        if curves:
+            written.append(_line_plot(plt, curves, label, f"{label} vs. number of edits",
+                                      out / f"plot_{file_name}.png"))
     pre = results.get("general_pre") or {}
     for task in sorted(pre):
-        fig, ax = plt.subplots(figsize=(5.5, 4))
+        curves = {}
         for name, r in results["methods"].items():
             points = [(p["edits"], 100 * p["general"][task]["f1_new"]) for p in r["curve"]
                       if task in (p.get("general") or {})]
             if not points or points[0][0] != 0:  # a curve saved without its 0-edit point
                 points.insert(0, (0, 100 * pre[task]["f1_new"]))
-            ax.plot(*zip(*points), marker="o", label=name)
-        ax.set_xlabel("number of edits")
-        ax.set_ylabel(f"{task} F1 (likelihood)")
-        ax.set_title(f"General capability: {task}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = out / f"general_{task}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+            curves[name] = points
+        written.append(_line_plot(plt, curves, f"{task} F1 (likelihood)", f"General capability: {task}",
+                                  out / f"general_{task}.png"))
     return written
 
 
