@@ -59,6 +59,18 @@ def heldout_every(hparams) -> int:
     return round(1 / hparams.mom2_heldout_fraction) if hparams.mom2_heldout_fraction > 0 else 0
 
 
+def statistics_texts(model, tok, hparams) -> Tuple[List[List[int]], List[List[int]]]:
+    """``(texts the statistics are made from, texts they hold out)``: the token sequences of ``mom2_dataset``
+    split as :func:`second_moment.is_heldout` splits them."""
+    sequences = corpus_token_sequences(hparams.mom2_dataset, model, tok, hparams.mom2_n_samples,
+                                       hparams.mom2_max_tokens, hparams.seed)
+    every = heldout_every(hparams)
+    kept, held_out = [], []
+    for index, ids in enumerate(sequences):
+        (held_out if second_moment.is_heldout(index, every) else kept).append(list(ids))
+    return kept, held_out
+
+
 def key_parameters(model, templates: ModuleTemplates, last_layer: int) -> Iterator[Tuple[str, torch.Tensor, Optional[int]]]:
     """``(name, parameter, block)`` of every weight the keys of blocks 0..``last_layer`` depend on, in the model's
     order: the embeddings and other shared parameters (block None) and the parameters of those blocks. The final

@@ -164,16 +164,11 @@ def describe_run(args, argv, hparams, device) -> Dict[str, object]:
 def run_host(args, model, tok, hparams, templates, monitor, device, after_weights, output, progress,
              progress_file) -> Dict[str, object]:
     """The current EasyEdit's AlphaEdit on the same model, texts and records: its memory and times."""
-    from alphaedit_plugin.corpus import corpus_token_sequences
     from alphaedit_plugin.hosts.easyedit.host_alphaedit import HostAlphaEdit
-    from alphaedit_plugin.layer_statistics import heldout_every
-    from alphaedit_plugin.second_moment import is_heldout
+    from alphaedit_plugin.layer_statistics import statistics_texts
 
     host = HostAlphaEdit(model, tok, hparams, templates, workdir=output / "host_work")
-    sequences = corpus_token_sequences(hparams.mom2_dataset, model, tok, hparams.mom2_n_samples,
-                                       hparams.mom2_max_tokens, hparams.seed)
-    every = heldout_every(hparams)
-    kept = [ids for i, ids in enumerate(sequences) if not is_heldout(i, every)]
+    kept, _ = statistics_texts(model, tok, hparams)
     figures: Dict[str, object] = {"statistics_tokens": sum(map(len, kept))}
     statistics, projectors = [], []
 

@@ -196,15 +196,10 @@ class HostAlphaEditRun(BenchMethod):
     def prepare(self):
         """The host's statistics and projectors, over the texts the plugin's statistics read (the held-out
         share left out as there)."""
-        from ..corpus import corpus_token_sequences
-        from ..layer_statistics import heldout_every
-        from ..second_moment import is_heldout
+        from ..layer_statistics import statistics_texts
 
-        hp = self.hparams
-        sequences = corpus_token_sequences(hp.mom2_dataset, self.model, self.tok, hp.mom2_n_samples,
-                                           hp.mom2_max_tokens, hp.seed)
-        every = heldout_every(hp)
-        self.host.compute_projectors([ids for i, ids in enumerate(sequences) if not is_heldout(i, every)])
+        kept, _ = statistics_texts(self.model, self.tok, self.hparams)
+        self.host.compute_projectors(kept)
 
     def edit(self, requests):
         self.host.edit(requests)

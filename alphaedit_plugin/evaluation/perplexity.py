@@ -21,9 +21,7 @@ TOKENS_PER_FORWARD = 2048  # padded tokens per forward pass
 
 def heldout_sequences(model, tok, hparams, count: int) -> List[List[int]]:
     """The first ``count`` token sequences of ``hparams``' statistics corpus that its statistics leave out."""
-    from ..corpus import corpus_token_sequences
-    from ..layer_statistics import heldout_every
-    from ..second_moment import is_heldout
+    from ..layer_statistics import heldout_every, statistics_texts
 
     if count < 1:
         raise ValueError(f"the number of held-out texts must be at least 1, got {count}")
@@ -31,12 +29,10 @@ def heldout_sequences(model, tok, hparams, count: int) -> List[List[int]]:
     if every == 0:
         raise ValueError("held-out perplexity needs texts the statistics leave out: mom2_heldout_fraction is 0 "
                          "in the method's hparams (set it to e.g. 0.1)")
-    sequences = corpus_token_sequences(hparams.mom2_dataset, model, tok, hparams.mom2_n_samples,
-                                       hparams.mom2_max_tokens, hparams.seed)
-    held_out = [list(ids) for index, ids in enumerate(sequences) if is_heldout(index, every)]
+    kept, held_out = statistics_texts(model, tok, hparams)
     if not held_out:
         raise ValueError(f"the statistics corpus {hparams.mom2_dataset!r} has no held-out text "
-                         f"({len(sequences)} texts, one in {every} held out)")
+                         f"({len(kept)} texts, one in {every} held out)")
     return held_out[:count]
 
 
