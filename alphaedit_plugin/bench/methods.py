@@ -35,6 +35,7 @@ UNEDITED = "unedited"
 HOST_ALPHAEDIT = "AlphaEdit@host"
 HOST_SPHERE = "SPHERE@host"
 HPARAMS_LABEL = {HOST_ALPHAEDIT: "AlphaEdit", HOST_SPHERE: "SPHERE"}  # the registered method whose yaml a row takes
+HOST_LABELS = tuple(HPARAMS_LABEL)  # the rows that run the host's own code (HostAlphaEditRun)
 
 
 @dataclass
@@ -289,7 +290,7 @@ def load_method_hparams(label: str, source: Any, overrides: Optional[Dict[str, A
 
 # ---------------------------------------------------------------------------
 def available_methods() -> List[str]:
-    return [UNEDITED] + registry.labels() + [HOST_ALPHAEDIT, HOST_SPHERE]
+    return [UNEDITED] + registry.labels() + list(HOST_LABELS)
 
 
 def method_uses_hparams(name: str) -> bool:
@@ -312,7 +313,7 @@ def create_method(name: str, model, tok, options: Optional[MethodOptions] = None
     options = options or MethodOptions()
     if name == UNEDITED:
         return UneditedMethod(model, tok, options)
-    if name in (HOST_ALPHAEDIT, HOST_SPHERE):
+    if name in HOST_LABELS:
         return HostAlphaEditRun(model, tok, options, label=name)
     if name not in registry.labels():
         raise ValueError(f"unknown method {name!r}; registered: {', '.join(available_methods())}")
