@@ -16,9 +16,10 @@ plus the context prefixes and the edit log. No module-level globals: a user
 (or the EasyEdit adapter) owns one state per model. Only :meth:`commit`,
 :meth:`undo_last` and :meth:`reset` change what edits leave behind.
 
-One file format for every method (:meth:`save`/:meth:`load`, format 2);
-format-1 files (``AlphaEditState.save`` and ``BaselineState.save`` of
-earlier versions) still load.
+One file format for every method (:meth:`save`/:meth:`load`, format 3: Kp Kpᵀ
+in its smallest exact form, :mod:`.key_sum_file`); format-2 files, which hold
+it whole, and format-1 files (``AlphaEditState.save`` and
+``BaselineState.save`` of earlier versions) still load.
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import torch
 
 from .errors import ProjectorMismatchError, StateMismatchError
+from .key_sum_file import KeyBatches, pack_key_sum, unpack_key_sum
 from .layer_statistics import LayerNullSpace
 from .null_space_projector import ProjectorTensor, projector_file_entry, projector_from_file_entry
 
 logger = logging.getLogger(__name__)
 
-STATE_FORMAT = 2
+STATE_FORMAT = 3
+READABLE_FORMATS = (2, 3)  # format 2 holds Kp Kpᵀ whole
 LEGACY_FORMAT = 1
 _KIND = "EditingState"
 
@@ -61,6 +64,7 @@ class _Undo:
     earlier_keys_kkt_sum: Dict[int, torch.Tensor]
     running_sums: Dict[str, Dict[int, torch.Tensor]]
     log_length: int
+    kept_keys: Optional[Dict[int, KeyBatches]]
 
 
 TensorsByLayer = Dict[int, torch.Tensor]
@@ -84,6 +88,9 @@ class EditingState:
                 self.earlier_keys_kkt_sum[layer] = torch.zeros(d_in, d_in, dtype=torch.float32,
                                                                device=space.projector.device)
         self._undo: Optional[_Undo] = None
+        # The keys of every commit, on the CPU, where asked (keep_earlier_keys) and while fewer than d_in/2 per
+        # layer: the file form of Kp Kpᵀ they allow is then its smallest. None otherwise.
+        self._kept_keys: Optional[Dict[int, KeyBatches]] = None
 
     # ------------------------------------------------------------------
     @property
@@ -103,6 +110,16 @@ class EditingState:
     def previous_keys_cov(self) -> TensorsByLayer:
         """Deprecated name of :attr:`earlier_keys_kkt_sum` (it is a sum, not a covariance)."""
         return self.earlier_keys_kkt_sum
+
+    def keep_earlier_keys(self) -> "EditingState":
+        """Keep each commit's keys (a CPU copy), so that :meth:`save` writes them in place of Kp Kpᵀ while there
+        are fewer than d_in/2 of them per layer: a resume file of n·d_in numbers per layer instead of d_in²/2.
+        Past d_in/2 they are let go (the upper triangle is then the smaller): at most half the size of Kp Kpᵀ
+        in CPU memory (411 MB per layer for d_in = 14,336). Only a state without edits can start (one with
+        edits does not know their keys); returns ``self``."""
+        if self._kept_keys is None and not self.edit_log:
+            self._kept_keys = {layer: [] for layer in self.earlier_keys_kkt_sum}
+        return self
 
     def projector_for(self, layer: int, d_in: int) -> ProjectorTensor:
         """P of ``layer``, checked against the number of inputs of the weight it will be applied to."""
@@ -140,18 +157,25 @@ class EditingState:
         if unknown:
             raise StateMismatchError(f"keys for layers {unknown}, which this state does not edit ({self.layers})")
         new_sums = dict(self.earlier_keys_kkt_sum)
+        added = {}
         for layer, layer_keys in keys.items():
             old = self.earlier_keys_kkt_sum[layer]
-            layer_keys = layer_keys.to(old)
+            added[layer] = layer_keys = layer_keys.to(old).contiguous()  # as key_sum_file sums them again
             new_sums[layer] = old + layer_keys.T @ layer_keys
+        kept = self._kept_keys
+        if kept is not None:
+            kept = {layer: batches + ([added[layer].detach().cpu()] if layer in added else [])
+                    for layer, batches in kept.items()}
+            if any(2 * sum(k.shape[0] for k in batches) >= new_sums[layer].shape[0] for layer, batches in kept.items()):
+                kept = None
         new_running = {name: {**self.running_sums.get(name, {}), **dict(values)}
                        for name, values in (running_sums or {}).items()}
         undo = _Undo(earlier_keys_kkt_sum=self.earlier_keys_kkt_sum,
                      running_sums={name: self.running_sums[name] for name in new_running if name in self.running_sums},
-                     log_length=len(self.edit_log))
-        # One C-level update: an interrupt (checked between bytecodes) finds all four old or all four new.
+                     log_length=len(self.edit_log), kept_keys=self._kept_keys)
+        # One C-level update: an interrupt (checked between bytecodes) finds all five old or all five new.
         self.__dict__.update(earlier_keys_kkt_sum=new_sums, running_sums={**self.running_sums, **new_running},
-                             edit_log=self.edit_log + [record], _undo=undo)
+                             edit_log=self.edit_log + [record], _kept_keys=kept, _undo=undo)
 
     def undo_last(self) -> bool:
         """Take the last committed edit out again (its keys, running sums and log entry), exactly.
@@ -163,7 +187,7 @@ class EditingState:
             return False
         self.__dict__.update(earlier_keys_kkt_sum=undo.earlier_keys_kkt_sum,
                              running_sums={**self.running_sums, **undo.running_sums},
-                             edit_log=self.edit_log[:undo.log_length], _undo=None)
+                             edit_log=self.edit_log[:undo.log_length], _kept_keys=undo.kept_keys, _undo=None)
         return True
 
     def reset(self) -> None:
@@ -176,6 +200,8 @@ class EditingState:
                              for name, group in self.running_sums.items()}
         self.edit_log = []
         self._undo = None
+        if self._kept_keys is not None:
+            self._kept_keys = {layer: [] for layer in self._kept_keys}
 
     def check_compatible(self, identity: Dict[str, Any]) -> None:
         """Refuse a state made for another method, model (by its weights, not only its name), layers, corpus or
@@ -215,7 +241,8 @@ class EditingState:
             "identity": self.identity,
             "context_templates": self.context_templates,
             **made_again,
-            "earlier_keys_kkt_sum": cpu(self.earlier_keys_kkt_sum),
+            "earlier_keys_kkt_sum": {str(layer): pack_key_sum(total, (self._kept_keys or {}).get(layer))
+                                     for layer, total in self.earlier_keys_kkt_sum.items()},
             "running_sums": {name: cpu(group) for name, group in self.running_sums.items()},
             "edit_log": [_record_to_file(r) for r in self.edit_log],
         }, path)
@@ -229,8 +256,8 @@ class EditingState:
         """
         path = Path(path)
         data = _read(path)
-        if not (isinstance(data, dict) and data.get("format") == STATE_FORMAT and data.get("kind") == _KIND):
-            raise ValueError(f"{path} is not an editing state file of format {STATE_FORMAT}")
+        if not (isinstance(data, dict) and data.get("format") in READABLE_FORMATS and data.get("kind") == _KIND):
+            raise ValueError(f"{path} is not an editing state file of format {STATE_FORMAT} (or 2)")
         _require(data, ("identity", "context_templates", "earlier_keys_kkt_sum", "edit_log"), str(path))
         if self.edit_log:
             raise StateMismatchError(f"resume({path}) needs a fresh state; this one has {self.edits_applied} edits")
@@ -238,18 +265,17 @@ class EditingState:
         if data["context_templates"] != self.context_templates:
             raise StateMismatchError(f"{path} was edited with other context prefixes than this state's (another "
                                      "seed, count or length, or another model's samples)")
-        sums = _by_layer(data["earlier_keys_kkt_sum"])
+        device = {l: t.device for l, t in self.earlier_keys_kkt_sum.items()}
+        sums, kept = _key_sums(data["earlier_keys_kkt_sum"], str(path), device)
         if set(sums) != set(self.earlier_keys_kkt_sum) or any(
                 sums[l].shape != self.earlier_keys_kkt_sum[l].shape for l in sums):
             raise StateMismatchError(f"{path} holds key sums of layers {sorted(sums)} that do not fit this state's")
-        device = {l: t.device for l, t in self.earlier_keys_kkt_sum.items()}
-        sums = {l: t.to(device[l]) for l, t in sums.items()}
         saved = {name: {l: t.to(device.get(l, t.device)) for l, t in _by_layer(group).items()}
                  for name, group in data.get("running_sums", {}).items()}
         log = [_record_from_file(r) for r in data["edit_log"]]
         # Everything read and checked: one assignment, as in commit.
         self.__dict__.update(earlier_keys_kkt_sum=sums, running_sums={**self.running_sums, **saved}, edit_log=log,
-                             _undo=None)
+                             _kept_keys=kept, _undo=None)
         return self
 
     @classmethod
@@ -260,12 +286,12 @@ class EditingState:
         path = Path(path)
         data = _read(path)
         version = data.get("format") if isinstance(data, dict) else None
-        if version == STATE_FORMAT and data.get("kind") == _KIND and data.get("accumulated_only"):
+        if version in READABLE_FORMATS and data.get("kind") == _KIND and data.get("accumulated_only"):
             raise ValueError(f"{path} holds only what the edits added (saved with accumulated_only): make the "
                              "state again with create_state(model, tok, hparams) on the unedited model, then "
                              f"state.resume({str(path)!r})")
-        if version == STATE_FORMAT and data.get("kind") == _KIND:
-            state = _from_format_2(data)
+        if version in READABLE_FORMATS and data.get("kind") == _KIND:
+            state = _from_format_3(data, str(path))
         elif version == LEGACY_FORMAT and data.get("kind") == "BaselineState":
             state = _from_legacy_baseline(path, data)
         elif version == LEGACY_FORMAT and "null_spaces" in data:
@@ -273,7 +299,7 @@ class EditingState:
         else:
             found = f"format {version!r}" if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"{path} is not an editing state file of format {STATE_FORMAT} (or the earlier "
-                             f"format {LEGACY_FORMAT}); it holds {found}")
+                             f"formats 2 and {LEGACY_FORMAT}); it holds {found}")
         state = state.to(device)
         if expected_identity is not None:
             state.check_compatible(expected_identity)
@@ -323,19 +349,40 @@ def _require(data: Mapping[str, Any], names, path_or_kind: str) -> None:
         raise ValueError(f"editing state {path_or_kind} has no entry {missing}; the file is incomplete")
 
 
-def _from_format_2(data: dict) -> EditingState:
+def _key_sums(entries: Mapping[str, Any], where: str, device: Mapping[int, Any]):
+    """Kp Kpᵀ per layer from a file's entries (:func:`~.key_sum_file.unpack_key_sum`), each on ``device[layer]``
+    (the CPU for a layer not there), and the kept keys where the file has them for every layer."""
+    sums, kept, exact = {}, {}, True
+    for name, entry in entries.items():
+        layer = int(name)
+        sums[layer], batches, same = unpack_key_sum(entry, f"{where}, layer {layer}", device.get(layer, "cpu"))
+        exact = exact and same
+        if batches is not None:
+            kept[layer] = batches
+    if not exact:
+        logger.warning("%s: Kp Kpᵀ summed again from the saved keys differs in its last bits from the saved sum "
+                       "(another device or BLAS library): the edits go on from it, no longer bit for bit those of "
+                       "an uninterrupted run", where)
+    return sums, (kept if sums and set(kept) == set(sums) else None)
+
+
+def _from_format_3(data: dict, where: str) -> EditingState:
+    """A file of format 3, or of format 2 (the same, with Kp Kpᵀ whole)."""
     _require(data, ("identity", "null_spaces", "context_templates", "earlier_keys_kkt_sum", "edit_log"),
-             f"of format {STATE_FORMAT}")
-    return EditingState(
+             f"of format {data.get('format')}")
+    sums, kept = _key_sums(data["earlier_keys_kkt_sum"], where, {})
+    state = EditingState(
         identity=data["identity"],
         null_spaces=_null_spaces(data["null_spaces"]),
         context_templates=data["context_templates"],
-        earlier_keys_kkt_sum=_by_layer(data["earlier_keys_kkt_sum"]),
+        earlier_keys_kkt_sum=sums,
         second_moments=_by_layer(data.get("second_moments", {})),
         reference_tensors={name: _by_layer(group) for name, group in data.get("reference_tensors", {}).items()},
         running_sums={name: _by_layer(group) for name, group in data.get("running_sums", {}).items()},
         edit_log=[_record_from_file(r) for r in data["edit_log"]],
     )
+    state._kept_keys = kept
+    return state
 
 
 def _from_legacy_alphaedit(data: dict) -> EditingState:

@@ -242,6 +242,7 @@ def test_the_resume_state_holds_what_the_edits_added_and_comes_back_whole(tmp_pa
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["state.pt"]
     saved = torch.load(tmp_path / "state" / "state.pt", weights_only=True)
     assert saved["accumulated_only"] and not {"null_spaces", "second_moments", "reference_tensors"} & set(saved)
+    assert {entry["form"] for entry in saved["earlier_keys_kkt_sum"].values()} == {"keys"}  # one key per layer
     with pytest.raises(ValueError, match=r"holds only what the edits added .* state\.resume"):
         EditingState.load(tmp_path / "state" / RegisteredMethodRun.STATE_FILE)
 
@@ -272,7 +273,7 @@ def test_the_resume_state_holds_what_the_edits_added_and_comes_back_whole(tmp_pa
     with pytest.raises(StateMismatchError, match="needs a fresh state"):
         fresh.state.resume(tmp_path / "state" / "state.pt")
     torch.save({"format": 7}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not an editing state file of format 2 .*format 7"):
+    with pytest.raises(ValueError, match="not an editing state file of format 3 .*format 7"):
         EditingState.load(tmp_path / "other.pt")
 
 

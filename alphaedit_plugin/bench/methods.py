@@ -120,7 +120,8 @@ class RegisteredMethodRun(BenchMethod):
     def prepare(self):
         from ..edit_loop import create_state
 
-        self.state = create_state(self.model, self.tok, self.hparams)
+        # Its keys kept, so that the resume file holds them instead of Kp Kpᵀ while they are the smaller.
+        self.state = create_state(self.model, self.tok, self.hparams).keep_earlier_keys()
 
     def edit(self, requests):
         from ..edit_loop import apply_to_model
