@@ -164,7 +164,7 @@ class EditingState:
             new_sums[layer] = old + layer_keys.T @ layer_keys
         kept = self._kept_keys
         if kept is not None:
-            kept = {layer: batches + ([added[layer].detach().cpu()] if layer in added else [])
+            kept = {layer: batches + ([added[layer].detach().to("cpu", copy=True)] if layer in added else [])
                     for layer, batches in kept.items()}
             if any(2 * sum(k.shape[0] for k in batches) >= new_sums[layer].shape[0] for layer, batches in kept.items()):
                 kept = None
@@ -291,7 +291,7 @@ class EditingState:
                              "state again with create_state(model, tok, hparams) on the unedited model, then "
                              f"state.resume({str(path)!r})")
         if version in READABLE_FORMATS and data.get("kind") == _KIND:
-            state = _from_format_3(data, str(path))
+            state = _from_format_3(data, str(path), device)
         elif version == LEGACY_FORMAT and data.get("kind") == "BaselineState":
             state = _from_legacy_baseline(path, data)
         elif version == LEGACY_FORMAT and "null_spaces" in data:
@@ -349,13 +349,15 @@ def _require(data: Mapping[str, Any], names, path_or_kind: str) -> None:
         raise ValueError(f"editing state {path_or_kind} has no entry {missing}; the file is incomplete")
 
 
-def _key_sums(entries: Mapping[str, Any], where: str, device: Mapping[int, Any]):
+def _key_sums(entries: Mapping[str, Any], where: str, device: Mapping[int, Any], default_device: Any = "cpu"):
     """Kp Kpᵀ per layer from a file's entries (:func:`~.key_sum_file.unpack_key_sum`), each on ``device[layer]``
-    (the CPU for a layer not there), and the kept keys where the file has them for every layer."""
+    (``default_device`` for a layer not there: saved keys are summed again where the sum will be used), and the
+    kept keys where the file has them for every layer."""
     sums, kept, exact = {}, {}, True
     for name, entry in entries.items():
         layer = int(name)
-        sums[layer], batches, same = unpack_key_sum(entry, f"{where}, layer {layer}", device.get(layer, "cpu"))
+        sums[layer], batches, same = unpack_key_sum(entry, f"{where}, layer {layer}",
+                                                    device.get(layer, default_device))
         exact = exact and same
         if batches is not None:
             kept[layer] = batches
@@ -366,11 +368,11 @@ def _key_sums(entries: Mapping[str, Any], where: str, device: Mapping[int, Any])
     return sums, (kept if sums and set(kept) == set(sums) else None)
 
 
-def _from_format_3(data: dict, where: str) -> EditingState:
-    """A file of format 3, or of format 2 (the same, with Kp Kpᵀ whole)."""
+def _from_format_3(data: dict, where: str, device: Union[str, torch.device]) -> EditingState:
+    """A file of format 3, or of format 2 (the same, with Kp Kpᵀ whole); Kp Kpᵀ made on ``device``."""
     _require(data, ("identity", "null_spaces", "context_templates", "earlier_keys_kkt_sum", "edit_log"),
              f"of format {data.get('format')}")
-    sums, kept = _key_sums(data["earlier_keys_kkt_sum"], where, {})
+    sums, kept = _key_sums(data["earlier_keys_kkt_sum"], where, {}, device)
     state = EditingState(
         identity=data["identity"],
         null_spaces=_null_spaces(data["null_spaces"]),
