@@ -17,6 +17,14 @@ The same independence lets a large batch be searched in chunks: the padded
 tokens of one pass are kept under ``TOKENS_PER_PASS``, which bounds the
 activation memory of the backward pass (long prompts and targets, such as
 KnowEdit's WikiBio passages, otherwise need tens of GB for a batch of 20).
+Facts are grouped by the length of their rows, so that few pad a chunk to a
+long one's width; on the CPU, where a pass costs in proportion to its padded
+tokens, a chunk that already holds ``CPU_MIN_CHUNK_TOKENS`` is also closed
+where padding would grow it past ``CPU_PADDING_TOLERANCE`` over its rows' own
+tokens (a fifth to a third fewer tokens per step on KnowEdit WikiBio and
+CounterFact; benchmarks/search_chunking.py). Smaller batches stay one pass.
+On a GPU one wide pass costs about what a narrow one does, and chunks are
+only cut at the budget.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence
@@ -45,6 +54,8 @@ KL_PROMPT = "{} is a"
 # Padded tokens (rows x longest row) per forward/backward pass of the search. On SmolLM2-135M in fp32 one
 # token costs about 1.2 MB of activations, so a pass stays near 10 GB; batches over it are searched in chunks.
 TOKENS_PER_PASS = 8192
+CPU_PADDING_TOLERANCE = 0.25
+CPU_MIN_CHUNK_TOKENS = 200  # below it a pass's fixed cost is a noticeable share of its time
 
 
 @dataclass
@@ -83,21 +94,29 @@ def _fact_prompts(tok, request: EditRequest, index: int, contexts: List[str], fa
     return _FactPrompts(rewrite, lookups, target_ids, kl_ids, kl_lookup)
 
 
-def chunk_by_tokens(prompts: Sequence[_FactPrompts], budget: int) -> List[List[int]]:
-    """Consecutive groups of fact indices whose padded rows (rewrite and KL) fit ``budget`` tokens each;
-    a fact over the budget on its own gets a group to itself."""
+def chunk_by_tokens(prompts: Sequence[_FactPrompts], budget: int, padding_tolerance: float = math.inf,
+                    by_width: bool = False, min_tokens: int = 0) -> List[List[int]]:
+    """Groups of fact indices whose padded rows (rewrite and KL) fit ``budget`` tokens each; a fact over the
+    budget on its own gets a group to itself. Facts are taken in their order, or with ``by_width`` from the
+    narrowest to the widest; a group of at least ``min_tokens`` padded tokens is also closed where its padded
+    tokens would exceed ``1 + padding_tolerance`` times its rows' own."""
+    order = range(len(prompts))
+    if by_width:
+        order = sorted(order, key=lambda i: max(len(s) for s in prompts[i].rewrite + [prompts[i].kl]))
     groups: List[List[int]] = []
     current: List[int] = []
-    rows = width = 0
-    for index, fact in enumerate(prompts):
-        sequences = fact.rewrite + [fact.kl]
-        fact_width = max(len(s) for s in sequences)
-        grown_rows, grown_width = rows + len(sequences), max(width, fact_width)
-        if current and grown_rows * grown_width > budget:
+    rows = width = own = 0
+    for index in order:
+        sequences = prompts[index].rewrite + [prompts[index].kl]
+        fact_width, fact_own = max(len(s) for s in sequences), sum(len(s) for s in sequences)
+        grown_rows, grown_width, grown_own = rows + len(sequences), max(width, fact_width), own + fact_own
+        padded = grown_rows * grown_width
+        too_padded = rows * width >= min_tokens and padded > (1 + padding_tolerance) * grown_own
+        if current and (padded > budget or too_padded):
             groups.append(current)
-            current, grown_rows, grown_width = [], len(sequences), fact_width
+            current, grown_rows, grown_width, grown_own = [], len(sequences), fact_width, fact_own
         current.append(index)
-        rows, width = grown_rows, grown_width
+        rows, width, own = grown_rows, grown_width, grown_own
     groups.append(current)
     return groups
 
@@ -228,6 +247,7 @@ def compute_target_values(
     use_prefix_cache: bool = True,
     tokens_per_pass: Optional[int] = None,
     replay_lower_blocks: bool = True,
+    padding_tolerance: Optional[float] = None,
 ) -> TargetSearchResult:
     """Search the target hidden states at block ``layer`` for all ``requests`` at once.
 
@@ -236,14 +256,20 @@ def compute_target_values(
     ``use_prefix_cache`` the tokens before each subject are run once per
     batch (see prefix_cache.py); the result is the same up to float rounding.
     Batches over ``tokens_per_pass`` padded tokens (default ``TOKENS_PER_PASS``)
-    are searched chunk by chunk, with the same result up to float rounding.
+    are searched chunk by chunk, with the same result up to float rounding;
+    ``padding_tolerance`` (default ``CPU_PADDING_TOLERANCE`` on the CPU, none
+    elsewhere; ``math.inf`` for none) also closes a chunk of at least
+    ``CPU_MIN_CHUNK_TOKENS`` that padding would grow by more than that share.
     With ``replay_lower_blocks`` the blocks up to ``layer``, which δ does not
     reach, run in a batch's first pass only; later passes replay their output.
     """
     contexts = flatten(context_templates)
     prompts = [_fact_prompts(tok, r, i, contexts, hparams.fact_token) for i, r in enumerate(requests)]
     budget = TOKENS_PER_PASS if tokens_per_pass is None else tokens_per_pass
-    groups = chunk_by_tokens(prompts, budget)
+    if padding_tolerance is None:
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        padding_tolerance = CPU_PADDING_TOLERANCE if on_cpu else math.inf
+    groups = chunk_by_tokens(prompts, budget, padding_tolerance, by_width=True, min_tokens=CPU_MIN_CHUNK_TOKENS)
     options = dict(rows_per_fact=len(contexts), use_prefix_cache=use_prefix_cache,
                    replay_lower_blocks=replay_lower_blocks)
     if len(groups) == 1:
@@ -251,15 +277,20 @@ def compute_target_values(
     logger.info("target search: %d facts in %d chunks of at most %d padded tokens", len(prompts), len(groups), budget)
     results = [_search(model, tok, [prompts[i] for i in group], hparams, templates, layer, **options)
                for group in groups]
-    return _concatenate(results)
+    return _in_fact_order(results, groups)
 
 
-def _concatenate(results: Sequence[TargetSearchResult]) -> TargetSearchResult:
+def _in_fact_order(results: Sequence[TargetSearchResult], groups: Sequence[Sequence[int]]) -> TargetSearchResult:
+    """One result from the chunks' results, its rows in the facts' order (the chunks hold facts in any order)."""
+    facts = [i for group in groups for i in group]
+    where = torch.argsort(torch.tensor(facts))  # where = position in the concatenation of fact 0, 1, ...
+    final_loss = [v for r in results for v in r.final_loss]
+    probability = [v for r in results for v in r.target_probability]
+    values, initial = torch.cat([r.values for r in results]), torch.cat([r.initial for r in results])
     return TargetSearchResult(
-        values=torch.cat([r.values for r in results]),
-        initial=torch.cat([r.initial for r in results]),
-        final_loss=[v for r in results for v in r.final_loss],
-        target_probability=[v for r in results for v in r.target_probability],
+        values=values[where.to(values.device)], initial=initial[where.to(initial.device)],
+        final_loss=[final_loss[i] for i in where.tolist()],
+        target_probability=[probability[i] for i in where.tolist()],
         steps=max(r.steps for r in results),
     )
 
@@ -424,6 +455,6 @@ def _search(model, tok, prompts: Sequence[_FactPrompts], hparams, templates: Mod
 def compute_target_values_one_by_one(model, tok, requests, hparams, templates, layer, context_templates,
                                      use_prefix_cache: bool = True) -> TargetSearchResult:
     """The same search run fact by fact (the reference the batched search is measured against)."""
-    return _concatenate([compute_target_values(model, tok, [request], hparams, templates, layer, context_templates,
-                                               use_prefix_cache=use_prefix_cache)
-                         for request in requests])
+    return _in_fact_order([compute_target_values(model, tok, [request], hparams, templates, layer, context_templates,
+                                                 use_prefix_cache=use_prefix_cache)
+                           for request in requests], [[i] for i in range(len(requests))])

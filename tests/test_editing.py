@@ -1,6 +1,7 @@
 """End-to-end editing on the tiny GPT-2 (Conv1D) and Llama (nn.Linear) models."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -232,13 +233,45 @@ def test_target_search_in_token_chunks_equals_one_pass(exact, tokenizer):
     assert compute_targets.chunk_by_tokens(prompts, budget=10 ** 9) == [[0, 1, 2]]
     assert compute_targets.chunk_by_tokens(prompts, budget=1) == [[0], [1], [2]]  # a fact over budget stays whole
     whole = compute_targets.compute_target_values(model, tokenizer, requests, hparams, templates, layer,
-                                                  state.context_templates, tokens_per_pass=10 ** 9)
+                                                  state.context_templates, tokens_per_pass=10 ** 9,
+                                                  padding_tolerance=math.inf)
     chunked = compute_targets.compute_target_values(model, tokenizer, requests, hparams, templates, layer,
                                                     state.context_templates, tokens_per_pass=one_fact)
     assert (whole.values - whole.initial).norm() > 1.0
     assert torch.allclose(chunked.initial, whole.initial, rtol=1e-5, atol=1e-5)
     assert (chunked.values - whole.values).norm(dim=1).max() <= 1e-4 * whole.values.norm(dim=1).min()
     assert chunked.final_loss == pytest.approx(whole.final_loss, rel=1e-4, abs=1e-5)
+
+
+def test_chunks_group_facts_of_like_width_and_the_result_keeps_the_facts_order(exact, tokenizer, monkeypatch):
+    """On the CPU a chunk is closed where padding would grow it by more than the tolerance: facts of unlike
+    widths go to different chunks, out of their order, and the result comes back in the facts' order. (The
+    tiny model's rows are far below the chunk size this applies from on the CPU: lowered to one token.)"""
+    model, hparams, state = exact
+    monkeypatch.setattr(compute_targets, "CPU_MIN_CHUNK_TOKENS", 1)
+    long_prompt = {"prompt": "The famous scientist and the famous company of the city of Paris and Rome and "
+                             "Berlin and Madrid made the river {} is in", "subject": "Nile", "target_new": "Japan"}
+    requests = normalise_requests([long_prompt, FACTS[0], FACTS[1]])
+    templates = templates_for(model, hparams)
+    layer = hparams.layers[-1]
+    prompts = [compute_targets._fact_prompts(tokenizer, r, i, compute_targets.flatten(state.context_templates),
+                                             hparams.fact_token) for i, r in enumerate(requests)]
+    widths = [max(len(s) for s in p.rewrite + [p.kl]) for p in prompts]
+    assert widths[0] > 1.5 * max(widths[1:]), f"precondition: the first fact is the widest by far, {widths}"
+    groups = compute_targets.chunk_by_tokens(prompts, 10 ** 9, padding_tolerance=0.25, by_width=True)
+    assert groups[-1] == [0] and sorted(i for g in groups for i in g) == [0, 1, 2]
+    assert compute_targets.chunk_by_tokens(prompts, 10 ** 9, by_width=True) == [sorted(range(3), key=widths.__getitem__)]
+    small = compute_targets.chunk_by_tokens(prompts, 10 ** 9, padding_tolerance=0.25, by_width=True, min_tokens=10 ** 6)
+    assert len(small) == 1  # a chunk under min_tokens is not cut for padding
+    whole = compute_targets.compute_target_values(model, tokenizer, requests, hparams, templates, layer,
+                                                  state.context_templates, padding_tolerance=math.inf)
+    grouped = compute_targets.compute_target_values(model, tokenizer, requests, hparams, templates, layer,
+                                                    state.context_templates)  # the CPU's tolerance
+    assert (whole.values - whole.initial).norm() > 1.0
+    assert torch.allclose(grouped.initial, whole.initial, rtol=1e-5, atol=1e-5)
+    assert (grouped.values - whole.values).norm(dim=1).max() <= 1e-4 * whole.values.norm(dim=1).min()
+    assert grouped.final_loss == pytest.approx(whole.final_loss, rel=1e-4, abs=1e-5)
+    assert grouped.target_probability == pytest.approx(whole.target_probability, rel=1e-4, abs=1e-5)
 
 
 # ---------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """The target search with the prefix computed once equals the full recomputation."""
 
+import math
+
 import pytest
 import torch
 
@@ -83,7 +85,8 @@ def test_facts_that_leave_the_search_reuse_the_prefix_pass(arch, tokenizer, monk
     calls = []
     original = targets.split_at
     monkeypatch.setattr(targets, "split_at", lambda *a, **k: calls.append(1) or original(*a, **k))
-    cached = compute_target_values(model, tokenizer, requests, hparams, templates, 2, CONTEXTS, use_prefix_cache=True)
+    cached = compute_target_values(model, tokenizer, requests, hparams, templates, 2, CONTEXTS, use_prefix_cache=True,
+                                   padding_tolerance=math.inf)  # one chunk: one search
     assert len(calls) == 1
     assert any(loss < targets.STOP_LOSS for loss in full.final_loss)  # some facts left early
     assert any(loss >= targets.STOP_LOSS for loss in full.final_loss)  # and others stayed

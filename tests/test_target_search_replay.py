@@ -1,5 +1,7 @@
 """The target search runs the blocks below δ once per batch and replays their output: the same search."""
 
+import math
+
 import pytest
 import torch
 
@@ -22,7 +24,7 @@ def search(model, tokenizer, replay: bool, prefix: bool, steps: int = 12, layer:
     hparams = AlphaEditHyperParams(layers=[0, layer], v_num_grad_steps=steps, **fields)
     return compute_target_values(model, tokenizer, normalise_requests(requests), hparams,
                                  templates_for(model, hparams), layer, CONTEXTS, use_prefix_cache=prefix,
-                                 replay_lower_blocks=replay)
+                                 replay_lower_blocks=replay, padding_tolerance=math.inf)  # one chunk: one batch
 
 
 @pytest.mark.parametrize("prefix", [True, False], ids=["prefix-cache", "full-rows"])
