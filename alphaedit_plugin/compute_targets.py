@@ -94,29 +94,41 @@ def _fact_prompts(tok, request: EditRequest, index: int, contexts: List[str], fa
     return _FactPrompts(rewrite, lookups, target_ids, kl_ids, kl_lookup)
 
 
+def _row_lengths(fact: _FactPrompts, from_subject: bool) -> List[int]:
+    """The lengths of a fact's rows (rewrite and KL): whole, or from the subject token on (as a pass with the
+    prefix cache runs them)."""
+    rows = fact.rewrite + [fact.kl]
+    if not from_subject:
+        return [len(row) for row in rows]
+    return [len(row) - lookup for row, lookup in zip(rows, fact.rewrite_lookups + [fact.kl_lookup])]
+
+
 def chunk_by_tokens(prompts: Sequence[_FactPrompts], budget: int, padding_tolerance: float = math.inf,
-                    by_width: bool = False, min_tokens: int = 0) -> List[List[int]]:
-    """Groups of fact indices whose padded rows (rewrite and KL) fit ``budget`` tokens each; a fact over the
-    budget on its own gets a group to itself. Facts are taken in their order, or with ``by_width`` from the
+                    by_width: bool = False, min_tokens: int = 0, from_subject: bool = False) -> List[List[int]]:
+    """Groups of fact indices whose padded whole rows (rewrite and KL) fit ``budget`` tokens each; a fact over
+    the budget on its own gets a group to itself. Facts are taken in their order, or with ``by_width`` from the
     narrowest to the widest; a group of at least ``min_tokens`` padded tokens is also closed where its padded
-    tokens would exceed ``1 + padding_tolerance`` times its rows' own."""
+    tokens would exceed ``1 + padding_tolerance`` times its rows' own. The order and the padding count the rows
+    as a pass runs them: from the subject token on with ``from_subject`` (the prefix cache), whole otherwise."""
+    whole = [_row_lengths(fact, False) for fact in prompts]
+    run = [_row_lengths(fact, from_subject) for fact in prompts]
     order = range(len(prompts))
     if by_width:
-        order = sorted(order, key=lambda i: max(len(s) for s in prompts[i].rewrite + [prompts[i].kl]))
+        order = sorted(order, key=lambda i: max(run[i]))
     groups: List[List[int]] = []
     current: List[int] = []
-    rows = width = own = 0
+    rows = width = run_width = own = 0
     for index in order:
-        sequences = prompts[index].rewrite + [prompts[index].kl]
-        fact_width, fact_own = max(len(s) for s in sequences), sum(len(s) for s in sequences)
-        grown_rows, grown_width, grown_own = rows + len(sequences), max(width, fact_width), own + fact_own
-        padded = grown_rows * grown_width
-        too_padded = rows * width >= min_tokens and padded > (1 + padding_tolerance) * grown_own
-        if current and (padded > budget or too_padded):
+        grown_rows, grown_width = rows + len(whole[index]), max(width, max(whole[index]))
+        grown_run_width, grown_own = max(run_width, max(run[index])), own + sum(run[index])
+        too_padded = rows * run_width >= min_tokens and grown_rows * grown_run_width > (1 + padding_tolerance) * grown_own
+        if current and (grown_rows * grown_width > budget or too_padded):
             groups.append(current)
-            current, grown_rows, grown_width, grown_own = [], len(sequences), fact_width, fact_own
+            current = []
+            grown_rows, grown_width = len(whole[index]), max(whole[index])
+            grown_run_width, grown_own = max(run[index]), sum(run[index])
         current.append(index)
-        rows, width, own = grown_rows, grown_width, grown_own
+        rows, width, run_width, own = grown_rows, grown_width, grown_run_width, grown_own
     groups.append(current)
     return groups
 
@@ -269,7 +281,8 @@ def compute_target_values(
     if padding_tolerance is None:
         on_cpu = next(model.parameters()).device.type == "cpu"
         padding_tolerance = CPU_PADDING_TOLERANCE if on_cpu else math.inf
-    groups = chunk_by_tokens(prompts, budget, padding_tolerance, by_width=True, min_tokens=CPU_MIN_CHUNK_TOKENS)
+    groups = chunk_by_tokens(prompts, budget, padding_tolerance, by_width=True, min_tokens=CPU_MIN_CHUNK_TOKENS,
+                             from_subject=use_prefix_cache)
     options = dict(rows_per_fact=len(contexts), use_prefix_cache=use_prefix_cache,
                    replay_lower_blocks=replay_lower_blocks)
     if len(groups) == 1:

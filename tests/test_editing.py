@@ -243,6 +243,20 @@ def test_target_search_in_token_chunks_equals_one_pass(exact, tokenizer):
     assert chunked.final_loss == pytest.approx(whole.final_loss, rel=1e-4, abs=1e-5)
 
 
+def test_padding_is_counted_on_the_rows_as_the_pass_runs_them():
+    """With the prefix cache a pass runs the rows from the subject on: context prefixes of unlike lengths pad
+    nothing there, and two such facts share a chunk; counted on whole rows they would not."""
+    def fact(first_token):
+        rewrite = [[first_token] * 5, [first_token] * 25]  # no prefix and a 20-token prefix, the same 5 tokens on
+        return compute_targets._FactPrompts(rewrite=rewrite, rewrite_lookups=[0, 20], target_ids=[7],
+                                            kl=[first_token] * 6, kl_lookup=3)
+
+    prompts = [fact(1), fact(2)]
+    options = dict(budget=10 ** 6, padding_tolerance=0.25, by_width=True)
+    assert compute_targets.chunk_by_tokens(prompts, **options, from_subject=True) == [[0, 1]]
+    assert compute_targets.chunk_by_tokens(prompts, **options, from_subject=False) == [[0], [1]]
+
+
 def test_chunks_group_facts_of_like_width_and_the_result_keeps_the_facts_order(exact, tokenizer, monkeypatch):
     """On the CPU a chunk is closed where padding would grow it by more than the tolerance: facts of unlike
     widths go to different chunks, out of their order, and the result comes back in the facts' order. (The
