@@ -260,6 +260,7 @@ def compute_target_values(
     tokens_per_pass: Optional[int] = None,
     replay_lower_blocks: bool = True,
     padding_tolerance: Optional[float] = None,
+    group_by_width: bool = True,
 ) -> TargetSearchResult:
     """Search the target hidden states at block ``layer`` for all ``requests`` at once.
 
@@ -272,6 +273,8 @@ def compute_target_values(
     ``padding_tolerance`` (default ``CPU_PADDING_TOLERANCE`` on the CPU, none
     elsewhere; ``math.inf`` for none) also closes a chunk of at least
     ``CPU_MIN_CHUNK_TOKENS`` that padding would grow by more than that share.
+    ``group_by_width=False`` chunks the facts in their order (as versions
+    before 2026-12-02 did).
     With ``replay_lower_blocks`` the blocks up to ``layer``, which δ does not
     reach, run in a batch's first pass only; later passes replay their output.
     """
@@ -281,8 +284,8 @@ def compute_target_values(
     if padding_tolerance is None:
         on_cpu = next(model.parameters()).device.type == "cpu"
         padding_tolerance = CPU_PADDING_TOLERANCE if on_cpu else math.inf
-    groups = chunk_by_tokens(prompts, budget, padding_tolerance, by_width=True, min_tokens=CPU_MIN_CHUNK_TOKENS,
-                             from_subject=use_prefix_cache)
+    groups = chunk_by_tokens(prompts, budget, padding_tolerance, by_width=group_by_width,
+                             min_tokens=CPU_MIN_CHUNK_TOKENS, from_subject=use_prefix_cache)
     options = dict(rows_per_fact=len(contexts), use_prefix_cache=use_prefix_cache,
                    replay_lower_blocks=replay_lower_blocks)
     if len(groups) == 1:

@@ -24,8 +24,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFL
 
 prepare() {
     local shared=${SHARED:-../shared/data} py=${PY_HERE:-.venv/bin/python}
-    mkdir -p $CARRY
-    grep -qx "/$CARRY/" .git/info/exclude 2>/dev/null || echo "/$CARRY/" >> .git/info/exclude
+    mkdir -p $CARRY  # git-ignored: it travels to the GPU machine only where the call carries it
     install -m 644 "$shared/wikitext/wiki.test.raw" $CARRY/wiki.test.raw || return 1
     "$py" - "$shared/counterfact/counterfact-edit.json" $CARRY <<'EOF' || return 1
 import json, sys
