@@ -1,13 +1,14 @@
-"""How an editing state file holds Kp Kpᵀ, the sum of k kᵀ over the keys of earlier edits: in its smallest exact form.
+"""How an editing state file holds Kp Kpᵀ (the sum of k kᵀ over earlier edits' keys): in its smallest exact form.
 
 The sum is a symmetric (d_in, d_in) float32 matrix per edited layer: 9.4 MB for d_in = 1,536, 822 MB for
 14,336. Written as it is, it makes a long run's resume state too large to keep (in git, for one). Two smaller
 forms give back the very same bits:
 
 - ``keys``: the keys of each commit, while there are fewer of them than d_in / 2 per layer (n·d_in numbers
-  against d_in²). Reading sums them again exactly as :meth:`EditingState.commit` did, batch after batch from
-  zero; the file carries the SHA-256 of the saved sum, so that a sum made again with other rounding (another
-  device or BLAS library) is told apart, not passed off as the same.
+  against d_in²). Reading sums them again with the step :meth:`EditingState.commit` takes
+  (:func:`add_key_products`), batch after batch from zero; the file carries the SHA-256 of the saved sum, so
+  that a sum made again with other rounding (another device or BLAS library) is told apart, not passed off as
+  the same.
 - ``upper``: the upper triangle, where the sum is exactly symmetric (as a sum of ``K.T @ K`` products is):
   d_in (d_in + 1) / 2 numbers.
 
@@ -24,13 +25,22 @@ import torch
 KeyBatches = List[torch.Tensor]  # per commit, the keys as rows: (n, d_in) float32 on the CPU
 
 
+def key_operand(keys: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``keys`` (rows, (n, d_in)) as :func:`add_key_products` takes them: ``total``'s dtype and device, contiguous."""
+    return keys.to(total).contiguous()
+
+
+def add_key_products(total: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``total + Kᵀ K`` for ``keys`` from :func:`key_operand`: the one step of every Kp Kpᵀ sum (a commit's, and
+    the sum made again from saved keys), so that both round alike."""
+    return total + keys.T @ keys
+
+
 def sum_of_key_products(batches: KeyBatches, like: torch.Tensor) -> torch.Tensor:
-    """Σ Kᵀ K over ``batches`` in their order, from zero, in ``like``'s dtype and on its device: the same operations,
-    in the same order, as :meth:`EditingState.commit` made them."""
+    """Σ Kᵀ K over ``batches`` in their order, from zero, in ``like``'s dtype and on its device."""
     total = torch.zeros_like(like)
     for keys in batches:
-        keys = keys.to(like).contiguous()
-        total = total + keys.T @ keys
+        total = add_key_products(total, key_operand(keys, total))
     return total
 
 
@@ -47,7 +57,8 @@ def pack_key_sum(total: torch.Tensor, batches: Optional[KeyBatches]) -> Union[to
     d = total.shape[0]
     if batches is not None and 2 * sum(k.shape[0] for k in batches) < d:
         if torch.equal(sum_of_key_products(batches, total), total):
-            return {"form": "keys", "size": d, "dtype": str(total.dtype).replace("torch.", ""), "batches": [k.cpu() for k in batches], "sha256": tensor_digest(total)}
+            return {"form": "keys", "size": d, "dtype": str(total.dtype).replace("torch.", ""),
+                    "batches": [k.cpu() for k in batches], "sha256": tensor_digest(total)}
     total = total.cpu()
     if torch.equal(total, total.T):
         # Row by row: no index tensors of d² entries (1.6 GB of them for d_in = 14,336).

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import torch
 
 from .errors import ProjectorMismatchError, StateMismatchError
-from .key_sum_file import KeyBatches, pack_key_sum, unpack_key_sum
+from .key_sum_file import KeyBatches, add_key_products, key_operand, pack_key_sum, unpack_key_sum
 from .layer_statistics import LayerNullSpace
 from .null_space_projector import ProjectorTensor, projector_file_entry, projector_from_file_entry
 
@@ -160,8 +160,8 @@ class EditingState:
         added = {}
         for layer, layer_keys in keys.items():
             old = self.earlier_keys_kkt_sum[layer]
-            added[layer] = layer_keys = layer_keys.to(old).contiguous()  # as key_sum_file sums them again
-            new_sums[layer] = old + layer_keys.T @ layer_keys
+            added[layer] = layer_keys = key_operand(layer_keys, old)
+            new_sums[layer] = add_key_products(old, layer_keys)
         kept = self._kept_keys
         if kept is not None:
             kept = {layer: batches + ([added[layer].detach().to("cpu", copy=True)] if layer in added else [])
