@@ -35,7 +35,7 @@ import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -117,20 +117,40 @@ def chunk_by_tokens(prompts: Sequence[_FactPrompts], budget: int, padding_tolera
         order = sorted(order, key=lambda i: max(run[i]))
     groups: List[List[int]] = []
     current: List[int] = []
-    rows = width = run_width = own = 0
+    group = _Extent(0, 0, 0, 0)
     for index in order:
-        grown_rows, grown_width = rows + len(whole[index]), max(width, max(whole[index]))
-        grown_run_width, grown_own = max(run_width, max(run[index])), own + sum(run[index])
-        too_padded = rows * run_width >= min_tokens and grown_rows * grown_run_width > (1 + padding_tolerance) * grown_own
-        if current and (grown_rows * grown_width > budget or too_padded):
+        fact = _Extent(len(whole[index]), max(whole[index]), max(run[index]), sum(run[index]))
+        grown = group.plus(fact)
+        too_padded = group.padded_run >= min_tokens and grown.padded_run > (1 + padding_tolerance) * grown.own
+        if current and (grown.padded_whole > budget or too_padded):
             groups.append(current)
-            current = []
-            grown_rows, grown_width = len(whole[index]), max(whole[index])
-            grown_run_width, grown_own = max(run[index]), sum(run[index])
+            current, grown = [], fact
         current.append(index)
-        rows, width, run_width, own = grown_rows, grown_width, grown_run_width, grown_own
+        group = grown
     groups.append(current)
     return groups
+
+
+class _Extent(NamedTuple):
+    """The rows of a fact or a group of facts: how many, the widest whole, the widest as a pass runs them, and
+    the tokens of those rows as run."""
+
+    rows: int
+    width: int
+    run_width: int
+    own: int
+
+    def plus(self, other: "_Extent") -> "_Extent":
+        return _Extent(self.rows + other.rows, max(self.width, other.width), max(self.run_width, other.run_width),
+                       self.own + other.own)
+
+    @property
+    def padded_whole(self) -> int:
+        return self.rows * self.width
+
+    @property
+    def padded_run(self) -> int:
+        return self.rows * self.run_width
 
 
 # ---------------------------------------------------------------------------
