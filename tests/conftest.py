@@ -39,6 +39,15 @@ WORDS = ["the", "The", "is", "in", "of", "a", "located", "city", "capital", "lan
 VOCAB = ["<unk>", "<pad>", "<eos>"] + sorted(set(SUBJECTS + WORDS))
 
 
+def assert_matches_recording(actual, expected, relative: float = 1e-4, msg=None):
+    """A recorded float32 result, reproduced to float32 rounding rather than bit for bit: another CPU's vector
+    units sum in another order (seen: differences of 1e-6 on updates and key sums recorded elsewhere), and the
+    target search's steps carry that along. ``relative`` is of the recording's largest entry; a change of
+    behaviour moves results by orders of magnitude more."""
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=relative, atol=relative * scale, msg=msg)
+
+
 def make_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

@@ -3,7 +3,8 @@
 ``fixtures/edit_updates.safetensors`` holds, for tiny GPT-2 (Conv1D) and tiny Llama (Linear), each method's
 update of each edited layer after each of two sequential batches (FACTS[:2], then FACTS[2:]), recorded with
 the code as it was before the edit loop was unified (commit d7af618). A refactor must reproduce them to float
-rounding. Regenerate only for an intended change of behaviour: ``python tests/test_behaviour_unchanged.py``.
+rounding (``conftest.assert_matches_recording``). Regenerate only for an intended change of behaviour:
+``python tests/test_behaviour_unchanged.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUILDERS, FACTS, make_hparams, make_tokenizer, write_corpus
+from conftest import BUILDERS, FACTS, assert_matches_recording, make_hparams, make_tokenizer, write_corpus
 
 from alphaedit_plugin import (AlphaEditHyperParams, MEMITHyperParams, PRUNEHyperParams, RECTHyperParams,
                               apply_to_model, create_state)
@@ -97,7 +98,7 @@ def test_updates_match_the_recording(tmp_path, arch, label):
     assert sorted(actual) == sorted(expected)
     for key, value in expected.items():
         assert actual[key].norm() > 0, key
-        torch.testing.assert_close(actual[key].double(), value.double(), rtol=1e-12, atol=1e-12, msg=key)
+        assert_matches_recording(actual[key], value, msg=key)
 
 
 if __name__ == "__main__":

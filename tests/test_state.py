@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUILDERS, FACTS, exact_hparams, make_hparams, make_tokenizer
+from conftest import BUILDERS, FACTS, assert_matches_recording, exact_hparams, make_hparams, make_tokenizer
 
 from alphaedit_plugin import (AlphaEditHyperParams, EditingState, PRUNEHyperParams, StateMismatchError,
                               apply_to_model, create_state, state_identity)
@@ -54,7 +54,7 @@ def test_a_format_1_state_loads_and_carries_on_as_before(tmp_path, name, file):
     recorded = load_file(str(LEGACY / "second_edit_updates.safetensors"))
     for layer in hparams.layers:
         expected = recorded[f"{name}/second_edit/layer{layer}"]
-        torch.testing.assert_close(down_proj(model, layer) - before[layer], expected, rtol=1e-12, atol=1e-12)
+        assert_matches_recording(down_proj(model, layer) - before[layer], expected)
     assert state.edits_applied == 3
 
     state.save(tmp_path / "now.pt")  # written again in today's format, read back the same
